@@ -1,0 +1,30 @@
+"""lightning-forget: make a trained classifier forget chosen classes from a few samples per class."""
+
+from lightning_forget.callback import ClassForgetting
+from lightning_forget.classes import check_forget_classes, remaining_classes
+from lightning_forget.data import ClassificationData, dataset_labels, few_shot_subset
+from lightning_forget.evaluation import SubsetAccuracy, evaluate_forgetting, membership_inference
+from lightning_forget.masks import StepGate, top_fraction_masks
+from lightning_forget.models import build_model
+from lightning_forget.module import ClassifierModule, ForgettingModule
+from lightning_forget.objective import ForgettingObjective
+from lightning_forget.relevance import relevance_scores
+
+__all__ = [
+    "ClassForgetting",
+    "ClassificationData",
+    "ClassifierModule",
+    "ForgettingModule",
+    "ForgettingObjective",
+    "StepGate",
+    "SubsetAccuracy",
+    "build_model",
+    "check_forget_classes",
+    "dataset_labels",
+    "evaluate_forgetting",
+    "few_shot_subset",
+    "membership_inference",
+    "relevance_scores",
+    "remaining_classes",
+    "top_fraction_masks",
+]

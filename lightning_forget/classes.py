@@ -1,0 +1,50 @@
+"""Which classes are forgotten and which remain."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+
+def check_forget_classes(forget_classes: Sequence[int], num_classes: int | None = None) -> list[int]:
+    """Validate the ids of the classes to forget.
+
+    Args:
+        forget_classes: class indices to forget.
+        num_classes: number of classes of the classifier; ``None`` skips the range and
+            "not every class" checks until it is known.
+
+    Returns:
+        The ids as a sorted list of ``int``.
+
+    Raises:
+        ValueError: if the list is empty, holds a non-integer, a negative or duplicate id,
+            an id ``>= num_classes``, or every class.
+    """
+    ids = list(forget_classes)
+    if not ids:
+        raise ValueError("forget_classes is empty: name at least one class index to forget.")
+    try:
+        if any(isinstance(c, bool) for c in ids):
+            raise TypeError
+        ids = [operator.index(c) for c in ids]
+    except TypeError:
+        raise ValueError(f"forget_classes must be integer class indices, got {ids}.") from None
+    duplicates = sorted({c for c in ids if ids.count(c) > 1})
+    if duplicates:
+        raise ValueError(f"forget_classes lists class {duplicates} more than once: give each id once.")
+    out_of_range = [c for c in ids if c < 0 or (num_classes is not None and c >= num_classes)]
+    if out_of_range:
+        valid = f"0..{num_classes - 1}" if num_classes is not None else "non-negative"
+        raise ValueError(f"forget_classes {out_of_range} are not class indices of this model (valid: {valid}).")
+    if num_classes is not None and len(ids) >= num_classes:
+        raise ValueError(
+            f"forget_classes names all {num_classes} classes: at least one class must remain to keep a classifier."
+        )
+    return sorted(ids)
+
+
+def remaining_classes(forget_classes: Sequence[int], num_classes: int) -> list[int]:
+    """The classes that are kept: ``range(num_classes)`` less ``forget_classes``."""
+    forgotten = set(check_forget_classes(forget_classes, num_classes))
+    return [c for c in range(num_classes) if c not in forgotten]

@@ -1,0 +1,230 @@
+"""Datasets: the few-shot subset, and the image classification datasets the app composes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+
+def dataset_labels(dataset: Dataset) -> Tensor:
+    """Class labels of every sample, from ``targets``/``labels`` when present, else from the samples."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for attr in ("targets", "labels"):  # torchvision datasets; SVHN says "labels"
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr), dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def few_shot_subset(dataset: Dataset, shots: int, seed: int = 0, classes: Sequence[int] | None = None) -> Subset:
+    """Exactly ``shots`` samples of every class (or of ``classes``), drawn reproducibly from ``seed``.
+
+    Args:
+        dataset: a labelled dataset.
+        shots: samples per class, >= 1.
+        seed: seed of the draw.
+        classes: the classes to draw from; ``None`` takes every class present.
+
+    Returns:
+        A ``Subset`` of ``dataset``, indices sorted.
+
+    Raises:
+        ValueError: if ``shots < 1`` or a class has fewer than ``shots`` samples.
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be a positive integer, got {shots!r}.")
+    labels = dataset_labels(dataset)
+    wanted = sorted(set(labels.tolist())) if classes is None else list(classes)
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[Tensor] = []
+    for c in wanted:
+        members = (labels == c).nonzero().squeeze(1)
+        if len(members) < shots:
+            raise ValueError(
+                f"Class {c} has {len(members)} samples, fewer than shots={shots}: lower shots to at most "
+                f"{len(members)}."
+            )
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return Subset(dataset, sorted(torch.cat(chosen).tolist()) if chosen else [])
+
+
+@dataclass
+class ClassificationData:
+    """An image classification dataset split for forgetting.
+
+    Attributes:
+        train: training samples, with training augmentation.
+        train_eval: the same samples with evaluation transforms (for accuracy and MIA).
+        test: test samples.
+        num_classes: number of classes.
+        in_channels: image channels.
+        class_names: one name per class.
+    """
+
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    class_names: list[str]
+
+
+class _LabelledTensors(TensorDataset):
+    """A ``TensorDataset`` of ``(image, label)`` that exposes ``targets`` like torchvision's."""
+
+    def __init__(self, images: Tensor, targets: Tensor) -> None:
+        super().__init__(images, targets)
+        self.targets = targets
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0) -> ClassificationData:
+    """scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 classes), offline.
+
+    Args:
+        test_fraction: share of every class held out for testing.
+        seed: seed of the stratified split.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.tensor(bunch.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        range(len(targets)), test_size=test_fraction, random_state=seed, stratify=bunch.target
+    )
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    train = _LabelledTensors(images[train_idx], targets[train_idx])
+    return ClassificationData(
+        train=train,
+        train_eval=train,
+        test=_LabelledTensors(images[test_idx], targets[test_idx]),
+        num_classes=10,
+        in_channels=1,
+        class_names=[str(d) for d in range(10)],
+    )
+
+
+# name: (torchvision class, channels, mean, std, augment with crop+flip)
+_TORCHVISION = {
+    "mnist": (tv_datasets.MNIST, 1, (0.1307,), (0.3081,), False),
+    "fashion_mnist": (tv_datasets.FashionMNIST, 1, (0.2860,), (0.3530,), False),
+    "cifar10": (tv_datasets.CIFAR10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": (tv_datasets.CIFAR100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "svhn": (tv_datasets.SVHN, 3, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False),
+}
+TORCHVISION_DATASETS: tuple[str, ...] = tuple(_TORCHVISION)
+
+
+def _transforms(mean: Sequence[float], std: Sequence[float], size: int, augment: bool) -> tuple[T.Compose, T.Compose]:
+    evaluation = [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
+    if not augment:
+        return T.Compose(evaluation), T.Compose(evaluation)
+    training = [T.Resize(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), *evaluation[2:]]
+    return T.Compose(training), T.Compose(evaluation)
+
+
+def torchvision_dataset(name: str, root: str, download: bool = False, augment: bool = True) -> ClassificationData:
+    """A torchvision dataset (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``, ``svhn``).
+
+    Args:
+        name: dataset name.
+        root: folder holding (or to receive) the files.
+        download: fetch the files when they are missing.
+        augment: random crop and flip for training, where the dataset calls for it.
+
+    Raises:
+        ValueError: for an unknown name.
+        FileNotFoundError: if the files are missing and ``download`` is false.
+    """
+    if name not in _TORCHVISION:
+        raise ValueError(f"Unknown torchvision dataset {name!r}: choose one of {TORCHVISION_DATASETS}.")
+    cls, channels, mean, std, flips = _TORCHVISION[name]
+    size = 28 if channels == 1 else 32
+    train_tf, eval_tf = _transforms(mean, std, size, augment and flips)
+
+    def split(train: bool, transform: T.Compose) -> Dataset:
+        kwargs = {"split": "train" if train else "test"} if cls is tv_datasets.SVHN else {"train": train}
+        try:
+            return cls(root, transform=transform, download=download, **kwargs)
+        except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
+            raise FileNotFoundError(
+                f"{name} was not found under dataset.root={root!r} ({err}). Point dataset.root at the "
+                "downloaded files, or set dataset.download=true when online."
+            ) from None
+
+    train = split(True, train_tf)
+    classes = getattr(train, "classes", None) or [str(c) for c in range(10)]
+    return ClassificationData(
+        train=train,
+        train_eval=split(True, eval_tf),
+        test=split(False, eval_tf),
+        num_classes=len(classes),
+        in_channels=channels,
+        class_names=list(classes),
+    )
+
+
+def image_folder(
+    root: str,
+    image_size: int = 32,
+    channels: int = 3,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.25, 0.25, 0.25),
+    augment: bool = True,
+    train_per_class: int | None = None,
+    seed: int = 0,
+) -> ClassificationData:
+    """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ``ImageFolder``).
+
+    Args:
+        root: the folder holding ``train/`` and ``test/``.
+        image_size: images are resized and centre-cropped to this size.
+        channels: 1 (converted to grey) or 3.
+        mean, std: per-channel normalisation.
+        augment: random crop and flip for training.
+        train_per_class: keep only this many training images per class (drawn with ``seed``),
+            for quick runs; ``None`` keeps all.
+        seed: seed of that draw.
+
+    Raises:
+        FileNotFoundError: if ``root/train`` or ``root/test`` is missing.
+        ValueError: if train and test hold different classes.
+    """
+    base = Path(root).expanduser()
+    for part in ("train", "test"):
+        if not (base / part).is_dir():
+            raise FileNotFoundError(
+                f"dataset.root={str(base)!r} has no {part}/ folder: point dataset.root at a folder holding "
+                "train/<class>/* and test/<class>/*."
+            )
+    train_tf, eval_tf = _transforms(mean, std, image_size, augment)
+    loader_kwargs = {"loader": _grey_loader} if channels == 1 else {}
+    train = tv_datasets.ImageFolder(str(base / "train"), transform=train_tf, **loader_kwargs)
+    train_eval = tv_datasets.ImageFolder(str(base / "train"), transform=eval_tf, **loader_kwargs)
+    test = tv_datasets.ImageFolder(str(base / "test"), transform=eval_tf, **loader_kwargs)
+    if train.classes != test.classes:
+        raise ValueError(f"train/ and test/ under {base} hold different classes: {train.classes} vs {test.classes}.")
+    if train_per_class is not None:
+        keep = few_shot_subset(train, train_per_class, seed).indices
+        train, train_eval = Subset(train, keep), Subset(train_eval, keep)
+    return ClassificationData(
+        train=train,
+        train_eval=train_eval,
+        test=test,
+        num_classes=len(test.classes),
+        in_channels=channels,
+        class_names=list(test.classes),
+    )
+
+
+def _grey_loader(path: str):
+    return tv_datasets.folder.default_loader(path).convert("L")

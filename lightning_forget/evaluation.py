@@ -1,0 +1,137 @@
+"""Measuring forgetting: accuracy on class subsets, membership inference, a model's full verdict."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
+
+from lightning_forget.classes import check_forget_classes
+from lightning_forget.data import dataset_labels
+
+_IGNORE = -100
+
+
+class SubsetAccuracy(MulticlassAccuracy):
+    """Micro accuracy over the samples of some classes only (DDP-safe).
+
+    Samples of other classes are ignored, so the figure is (correct samples of ``classes``) /
+    (samples of ``classes``), not an average of per-class recalls.
+
+    Args:
+        num_classes: number of classes.
+        classes: the classes whose samples count.
+    """
+
+    def __init__(self, num_classes: int, classes: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(num_classes=num_classes, average="micro", ignore_index=_IGNORE, **kwargs)
+        self.register_buffer("classes", torch.tensor(list(classes), dtype=torch.long), persistent=False)
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        super().update(preds, torch.where(torch.isin(target, self.classes), target, _IGNORE))
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | str = "cpu", desc: str = ""
+) -> tuple[Tensor, Tensor]:
+    """Logits and targets of ``model`` (in eval mode) over ``dataset``, on CPU."""
+    was_training = model.training
+    model.eval().to(device)
+    logits, targets = [], []
+    loader = DataLoader(dataset, batch_size=batch_size)
+    for x, y in tqdm(loader, desc=desc or "Predicting", leave=False, disable=not desc):
+        logits.append(model(x.to(device)).float().cpu())
+        targets.append(torch.as_tensor(y))
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def membership_inference(member_logits: Tensor, nonmember_logits: Tensor, target_logits: Tensor) -> float:
+    """Fraction of ``target_logits`` samples a membership attack calls "member".
+
+    The attack is a logistic regression on the entropy of the softmax output, trained with
+    members (training samples) against non-members (test samples), as in the SSD codebase.
+    Lower means forgotten: a model retrained without the target samples scores near 0.
+    """
+    features = [_entropy(t) for t in (member_logits, nonmember_logits, target_logits)]
+    x = np.concatenate(features[:2]).reshape(-1, 1)
+    y = np.concatenate([np.ones(len(features[0])), np.zeros(len(features[1]))])
+    attack = LogisticRegression(class_weight="balanced").fit(x, y)
+    return float(attack.predict(features[2].reshape(-1, 1)).mean())
+
+
+def _entropy(logits: Tensor) -> np.ndarray:
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).numpy()
+
+
+def evaluate_forgetting(
+    model: nn.Module,
+    train: Dataset,
+    test: Dataset,
+    forget_classes: Sequence[int],
+    num_classes: int,
+    *,
+    max_members: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Forget/retain accuracy, forget-train accuracy, MIA and per-class accuracy of ``model``.
+
+    Args:
+        model: classifier returning logits.
+        train: training samples with evaluation transforms (no augmentation).
+        test: test samples.
+        forget_classes: the forgotten classes.
+        num_classes: number of classes.
+        max_members: the attack's members are at most this many remaining-class training
+            samples, drawn with ``seed`` (default: as many as there are test samples).
+        seed: seed of that draw.
+        batch_size: evaluation batch size.
+        device: where to run the model.
+
+    Returns:
+        ``forget_acc``, ``retain_acc``, ``forget_train_acc``, ``mia`` (fractions in [0, 1]) and
+        ``per_class_acc`` (a list, one accuracy per class).
+    """
+    forgotten = torch.tensor(check_forget_classes(forget_classes, num_classes))
+    test_logits, test_targets = predict_logits(model, test, batch_size, device, desc="Evaluating on test")
+    train_targets = dataset_labels(train)
+    is_forget_train = torch.isin(train_targets, forgotten)
+    retain_idx = (~is_forget_train).nonzero().squeeze(1)
+    n_members = min(len(retain_idx), max_members or len(test))
+    generator = torch.Generator().manual_seed(seed)
+    members = retain_idx[torch.randperm(len(retain_idx), generator=generator)[:n_members]]
+    forget_idx = is_forget_train.nonzero().squeeze(1)
+    member_logits, _ = predict_logits(model, Subset(train, members.tolist()), batch_size, device)
+    forget_logits, forget_targets = predict_logits(
+        model, Subset(train, forget_idx.tolist()), batch_size, device, desc="Evaluating on forgotten train"
+    )
+    kept = [c for c in range(num_classes) if c not in set(forgotten.tolist())]
+    preds = test_logits.argmax(-1)
+    per_class = [
+        float((preds[test_targets == c] == c).float().mean()) if (test_targets == c).any() else float("nan")
+        for c in range(num_classes)
+    ]
+    return {
+        "forget_acc": _subset_accuracy(test_logits, test_targets, num_classes, forgotten.tolist()),
+        "retain_acc": _subset_accuracy(test_logits, test_targets, num_classes, kept),
+        "forget_train_acc": _subset_accuracy(forget_logits, forget_targets, num_classes, forgotten.tolist()),
+        "mia": membership_inference(member_logits, test_logits, forget_logits),
+        "per_class_acc": per_class,
+    }
+
+
+def _subset_accuracy(logits: Tensor, targets: Tensor, num_classes: int, classes: list[int]) -> float:
+    metric = SubsetAccuracy(num_classes, classes)
+    metric.update(logits, targets)
+    return float(metric.compute())

@@ -1,0 +1,184 @@
+"""LightningModules: a plain classifier, and the forgetting wrapper around a trained one."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_forget.classes import check_forget_classes
+from lightning_forget.evaluation import SubsetAccuracy
+from lightning_forget.objective import ForgetLoss, ForgettingObjective
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+Optimizer = Literal["sgd", "adam", "adamw"]
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains ``model`` with cross-entropy; validation and test log accuracy per class subset.
+
+    With ``forget_classes`` set, ``val/forget_acc`` and ``val/retain_acc`` (``test/...`` likewise)
+    are micro accuracies over the samples of the forgotten and of the remaining classes.
+
+    Args:
+        model: a classifier returning logits (an ``nn.Module`` or a ``LightningModule``).
+        num_classes: number of classes.
+        forget_classes: classes reported apart in validation and test; may be empty.
+        optimizer: ``sgd`` (with momentum 0.9, nesterov), ``adam`` or ``adamw``.
+        lr: learning rate.
+        weight_decay: weight decay.
+        scheduler: ``None`` or ``cosine`` (annealed over ``trainer.max_epochs``).
+
+    Raises:
+        ValueError: for an unknown optimizer or scheduler, ``lr <= 0``, ``weight_decay < 0``,
+            or invalid ``forget_classes``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        forget_classes: Sequence[int] = (),
+        optimizer: Optimizer = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: Literal["cosine"] | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
+        if scheduler not in (None, "cosine"):
+            raise ValueError(f"Unknown scheduler {scheduler!r}: use None or 'cosine'.")
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}.")
+        forgotten = check_forget_classes(forget_classes, num_classes) if forget_classes else []
+        self.model = model
+        self.num_classes = num_classes
+        self.forget_classes = forgotten
+        self.save_hyperparameters(
+            {
+                "num_classes": num_classes,
+                "forget_classes": forgotten,
+                "optimizer": optimizer,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "scheduler": scheduler,
+            }
+        )
+        kept = [c for c in range(num_classes) if c not in forgotten]
+        stages = ("val", "test")
+        self.accuracy = nn.ModuleDict({s: SubsetAccuracy(num_classes, range(num_classes)) for s in stages})
+        self.forget_accuracy = nn.ModuleDict({s: SubsetAccuracy(num_classes, forgotten) for s in stages if forgotten})
+        self.retain_accuracy = nn.ModuleDict({s: SubsetAccuracy(num_classes, kept) for s in stages if forgotten})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def _evaluate(self, stage: str, batch: Sequence[Tensor]) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        metrics = {"acc": self.accuracy[stage]}
+        if self.forget_classes:
+            metrics.update(forget_acc=self.forget_accuracy[stage], retain_acc=self.retain_accuracy[stage])
+        for name, metric in metrics.items():
+            metric.update(logits, y)
+            self.log(f"{stage}/{name}", metric, prog_bar=name != "acc")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, nesterov=True, weight_decay=hp.weight_decay)
+        else:
+            cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
+            optimizer = cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class ForgettingModule(ClassifierModule):
+    """Makes a trained classifier forget ``forget_classes`` from a few samples per class.
+
+    A frozen copy of ``model`` taken at construction is the teacher: remaining-class samples
+    are trained with cross-entropy and distillation to it, forgotten-class samples with a
+    forget loss (see :class:`~lightning_forget.objective.ForgettingObjective`). Pair it with
+    the :class:`~lightning_forget.ClassForgetting` callback to change only the relevant entries.
+
+    Args:
+        model: the trained classifier; it is trained in place.
+        forget_classes: class indices to forget.
+        num_classes: number of classes.
+        forget_loss: ``renormalized``, ``uniform``, ``random_label`` or ``ascent``.
+        retain_weight, distill_weight, forget_weight: weights of the loss terms.
+        temperature: distillation temperature.
+        optimizer, lr, weight_decay, scheduler: as for :class:`ClassifierModule`.
+
+    Raises:
+        ValueError: for invalid classes, loss settings or optimizer settings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forget_classes: Sequence[int],
+        num_classes: int,
+        forget_loss: ForgetLoss = "renormalized",
+        retain_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        forget_weight: float = 1.0,
+        temperature: float = 2.0,
+        optimizer: Optimizer = "adam",
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        scheduler: Literal["cosine"] | None = None,
+    ) -> None:
+        objective = ForgettingObjective(
+            forget_classes, num_classes, forget_loss, retain_weight, distill_weight, forget_weight, temperature
+        )
+        super().__init__(model, num_classes, forget_classes, optimizer, lr, weight_decay, scheduler)
+        self.objective = objective
+        self.save_hyperparameters(
+            {
+                **self.hparams,
+                "forget_loss": forget_loss,
+                "retain_weight": retain_weight,
+                "distill_weight": distill_weight,
+                "forget_weight": forget_weight,
+                "temperature": temperature,
+            }
+        )
+        # Kept outside the module tree: not trained, not checkpointed, never switched to train mode.
+        self._teacher = (copy.deepcopy(model).eval().requires_grad_(False),)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen original model."""
+        return self._teacher[0]
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        with torch.no_grad():
+            teacher_logits = self.teacher.to(x.device)(x)
+        terms = self.objective(self(x), teacher_logits, y)
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"})
+        self.log("train/loss", terms["loss"], prog_bar=True)
+        return terms["loss"]
