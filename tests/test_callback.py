@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+from conftest import quiet_trainer, tiny_loader, tiny_net
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from test_gating import UserClassifier
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_forget import ClassForgetting, ForgettingModule, relevance_scores, top_fraction_masks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"forget_classes": []}, "empty"),
+        ({"forget_classes": [1, 1]}, "more than once"),
+        ({"forget_classes": [1], "fraction": 0.0}, r"fraction must be in \(0, 1\]"),
+        ({"forget_classes": [1], "fraction": 1.5}, r"fraction must be in \(0, 1\]"),
+        ({"forget_classes": [1], "score": "magic"}, "Unknown relevance score"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClassForgetting(**kwargs)
+
+
+def test_class_outside_the_logits_is_refused_before_any_step():
+    module = UserClassifier()
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match="outside the model's 4 output logits"):
+        quiet_trainer(max_epochs=1, callbacks=[ClassForgetting([9])]).fit(module, tiny_loader())
+    assert all(torch.equal(before[n], p) for n, p in module.state_dict().items())
+
+
+def test_scoring_data_without_forgotten_samples_is_a_clear_error():
+    x, y = torch.randn(8, 1, 8, 8), torch.tensor([0, 2] * 4)
+    retain_only = DataLoader(TensorDataset(x, y), batch_size=4)
+    callback = ClassForgetting([1], scoring_data=retain_only)
+    with pytest.raises(ValueError, match="no sample of the forgotten classes"):
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(UserClassifier(), tiny_loader())
+
+
+def test_given_scoring_data_is_used_for_a_fit_without_forgotten_samples():
+    loader = tiny_loader()
+    retain_x, retain_y = zip(*[(x, y) for x, y in loader.dataset if y != 1])
+    retain_only = DataLoader(TensorDataset(torch.stack(retain_x), torch.stack(retain_y)), batch_size=8)
+    torch.manual_seed(0)
+    module = UserClassifier()
+    expected = top_fraction_masks(relevance_scores(copy.deepcopy(module), loader, [1]), 0.1)
+    callback = ClassForgetting([1], scoring_data=loader)
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(module, retain_only)
+    assert all(torch.equal(expected[n], callback.masks[n]) for n in expected)
+
+
+@pytest.mark.parametrize("score", ["ratio", "forget_grad", "fisher_ratio", "random"])
+def test_every_score_selects_the_requested_fraction(score):
+    callback = ClassForgetting([1], fraction=0.1, score=score)
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(UserClassifier(), tiny_loader())
+    summary = callback.selection_summary
+    selected, total = sum(r["selected"] for r in summary), sum(r["total"] for r in summary)
+    assert selected == round(0.1 * total)
+    assert callback.masks["net.7.weight"].dtype == torch.bool
+
+
+def test_ratio_score_prefers_the_forgotten_class_output_row():
+    torch.manual_seed(0)
+    module = UserClassifier()
+    scores = relevance_scores(module, tiny_loader(), [1])
+    head = scores["net.7.weight"]  # (4 classes, 16 features)
+    assert head[1].mean() > head[[0, 2, 3]].mean()
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batchnorm_statistics_frozen_or_updated_as_configured(freeze):
+    torch.manual_seed(0)
+    module = UserClassifier()
+    bn = module.net[1]
+    before = bn.running_mean.clone(), int(bn.num_batches_tracked)
+    callback = ClassForgetting([1], freeze_bn_stats=freeze)
+    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(module, tiny_loader())
+    assert torch.equal(bn.running_mean, before[0]) == freeze
+    assert (int(bn.num_batches_tracked) == before[1]) == freeze
+    assert bn.training, "BatchNorm left in eval mode after fit"
+
+
+def test_scoring_leaves_batchnorm_statistics_untouched():
+    torch.manual_seed(0)
+    module = UserClassifier()
+    state = copy.deepcopy(module.state_dict())
+    relevance_scores(module.train(), tiny_loader(), [1])
+    assert all(torch.equal(state[n], t) for n, t in module.state_dict().items())
+    assert module.training and all(m.training for m in module.modules())
+
+
+def test_resume_restores_masks_without_rescoring_and_matches_an_uninterrupted_fit(tmp_path, monkeypatch):
+    def run(max_epochs, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        net = tiny_net()
+        module = ForgettingModule(net, [1], 4, lr=0.05)
+        callback = ClassForgetting([1], fraction=0.1)
+        trainer = quiet_trainer(
+            max_epochs=max_epochs, callbacks=[callback, *callbacks], enable_checkpointing=bool(callbacks)
+        )
+        trainer.fit(module, tiny_loader(), ckpt_path=ckpt_path)
+        return module, callback
+
+    full, full_cb = run(4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    run(2, callbacks=[checkpoint])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert any("ClassForgetting" in k for k in saved["callbacks"])
+
+    def no_rescoring(*args, **kwargs):
+        raise AssertionError("resumed fit re-scored")
+
+    monkeypatch.setattr("lightning_forget.callback.relevance_scores", no_rescoring)
+    resumed, resumed_cb = run(4, ckpt_path=tmp_path / "last.ckpt")
+    assert all(torch.equal(full_cb.masks[n], resumed_cb.masks[n]) for n in full_cb.masks)
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_checkpointed_masks_for_other_classes_are_refused():
+    callback = ClassForgetting([1])
+    with pytest.raises(ValueError, match="same forget_classes"):
+        callback.load_state_dict({"masks": {}, "forget_classes": [2]})
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [(FSDPStrategy(), "does not support FSDPStrategy"), (DDPStrategy(start_method="spawn"), "spawned DDP")],
+)
+def test_unsupported_strategies_are_refused_at_setup(strategy, message):
+    class FakeTrainer:
+        pass
+
+    trainer = FakeTrainer()
+    trainer.strategy = strategy
+    with pytest.raises(MisconfigurationException, match=message):
+        ClassForgetting([1]).setup(trainer, UserClassifier(), "fit")
