@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,8 +18,6 @@ from torch.optim import Optimizer
 from lightning_forget.classes import check_forget_classes
 from lightning_forget.masks import StepGate, check_masks_fit, mask_summary, top_fraction_masks
 from lightning_forget.relevance import SCORES, Score, relevance_scores
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FRACTION = 0.1
 
@@ -108,14 +105,17 @@ class ClassForgetting(Callback):
         self._gate = StepGate(params, self._masks)
         self._gate.attach(trainer.optimizers)
         self._frozen_bn = [m for m in pl_module.modules() if isinstance(m, _BatchNorm)] if self.freeze_bn_stats else []
-        selected = sum(int(m.sum()) for m in self._masks.values())
-        total = sum(m.numel() for m in self._masks.values())
-        rank_zero_info(
+        rank_zero_info(self._describe_selection())
+
+    def _describe_selection(self) -> str:
+        rows = self.selection_summary
+        selected, total = sum(r["selected"] for r in rows), sum(r["total"] for r in rows)
+        lines = [
             f"ClassForgetting: {selected:,} of {total:,} parameter entries ({selected / total:.2%}) may change "
-            f"to forget classes {self.forget_classes}."
-        )
-        for row in self.selection_summary:
-            log.debug("%s: %d of %d selected", row["name"], row["selected"], row["total"])
+            f"to forget classes {self.forget_classes}:"
+        ]
+        lines += [f"  {r['name']}: {r['selected']:,} / {r['total']:,}" for r in rows if r["selected"]]
+        return "\n".join(lines)
 
     def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         batches = self.scoring_data if self.scoring_data is not None else trainer.train_dataloader

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
+from tqdm.auto import tqdm
 
 
 def dataset_labels(dataset: Dataset) -> Tensor:
@@ -182,6 +183,7 @@ def image_folder(
     augment: bool = True,
     train_per_class: int | None = None,
     seed: int = 0,
+    in_memory: bool = False,
 ) -> ClassificationData:
     """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ``ImageFolder``).
 
@@ -194,6 +196,8 @@ def image_folder(
         train_per_class: keep only this many training images per class (drawn with ``seed``),
             for quick runs; ``None`` keeps all.
         seed: seed of that draw.
+        in_memory: decode the evaluation splits once and keep them as tensors, so repeated
+            evaluations do not decode every image again.
 
     Raises:
         FileNotFoundError: if ``root/train`` or ``root/test`` is missing.
@@ -216,6 +220,8 @@ def image_folder(
     if train_per_class is not None:
         keep = few_shot_subset(train, train_per_class, seed).indices
         train, train_eval = Subset(train, keep), Subset(train_eval, keep)
+    if in_memory:
+        train_eval, test = in_memory_copy(train_eval), in_memory_copy(test)
     return ClassificationData(
         train=train,
         train_eval=train_eval,
@@ -224,6 +230,15 @@ def image_folder(
         in_channels=channels,
         class_names=list(test.classes),
     )
+
+
+def in_memory_copy(dataset: Dataset, batch_size: int = 512) -> Dataset:
+    """The samples of ``dataset`` (deterministic transforms only) decoded once into tensors."""
+    images, labels = [], []
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="Decoding into memory", leave=False):
+        images.append(x)
+        labels.append(torch.as_tensor(y))
+    return _LabelledTensors(torch.cat(images), torch.cat(labels))
 
 
 def _grey_loader(path: str):
