@@ -29,8 +29,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_forget import ClassificationData, check_forget_classes, evaluate_forgetting, few_shot_subset
-from lightning_forget.methods import METHODS, Outcome, Recipe, TrainerFactory, run_method, train_classifier
+from lightning_forget import (
+    ClassificationData,
+    ForgettingObjective,
+    check_forget_classes,
+    evaluate_forgetting,
+    few_shot_subset,
+)
+from lightning_forget.methods import (
+    Outcome,
+    Recipe,
+    TrainerFactory,
+    check_method,
+    forgetting_callback,
+    run_method,
+    train_classifier,
+)
 from lightning_forget.report import build_report, changed_fraction, markdown_table, write_report
 
 log = logging.getLogger("run")
@@ -50,6 +64,8 @@ class Setup:
     original: nn.Module
     original_seconds: float
     out_dir: Path
+    train_recipe: Recipe
+    forget_recipe: Recipe
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
@@ -73,18 +89,22 @@ def prepare(cfg: DictConfig) -> Setup:
             "setting on its own, or sweep with a single-device trainer."
         )
     for name in [cfg.method.name, *cfg.baselines]:
-        if name not in METHODS:
-            raise ConfigError(f"Unknown method {name!r} (method= or baselines=): choose from {METHODS}.")
+        check_method(name)
+    train_recipe, forget_recipe = recipe(cfg.train), recipe(cfg.forget.recipe)
     data: ClassificationData = instantiate(cfg.dataset)
     forget_classes = check_forget_classes(OmegaConf.to_container(cfg.forget.classes), data.num_classes)
+    forgetting_callback(cfg.method.name, forget_classes, relevance_options(cfg))
+    ForgettingObjective(forget_classes, data.num_classes, **OmegaConf.to_container(cfg.forget.objective))
     few_shot = few_shot_subset(data.train, int(cfg.forget.shots), seed=int(cfg.seed))
     make_model = partial(instantiate(cfg.model), num_classes=data.num_classes, in_channels=data.in_channels)
     L.seed_everything(cfg.seed, verbose=False)
-    original, seconds = obtain_original(cfg, data, make_model)
-    return Setup(data, forget_classes, few_shot, make_model, original, seconds, out_dir)
+    original, seconds = obtain_original(cfg, data, make_model, train_recipe)
+    return Setup(data, forget_classes, few_shot, make_model, original, seconds, out_dir, train_recipe, forget_recipe)
 
 
-def obtain_original(cfg: DictConfig, data: ClassificationData, make_model: Any) -> tuple[nn.Module, float]:
+def obtain_original(
+    cfg: DictConfig, data: ClassificationData, make_model: Any, train_recipe: Recipe
+) -> tuple[nn.Module, float]:
     """The original model from ``original.ckpt``, the cache, or trained now (and cached)."""
     model = make_model()
     if cfg.original.ckpt is not None:
@@ -102,7 +122,7 @@ def obtain_original(cfg: DictConfig, data: ClassificationData, make_model: Any) 
         seconds = load_weights(model, cached, "the cached original")
         return model, seconds
     log.info("Training the original model on all classes")
-    outcome = train_classifier(model, data.train, data.num_classes, recipe(cfg.train), make_trainer(cfg, "original"))
+    outcome = train_classifier(model, data.train, data.num_classes, train_recipe, make_trainer(cfg, "original"))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     torch.save({"state_dict": model.state_dict(), "seconds": outcome.seconds, "key": key}, tmp)
@@ -132,6 +152,11 @@ def recipe(section: DictConfig) -> Recipe:
     return Recipe(**OmegaConf.to_container(section, resolve=True))
 
 
+def relevance_options(cfg: DictConfig) -> dict[str, Any]:
+    """Keyword arguments of ``ClassForgetting`` from the ``forget`` section."""
+    return {k: cfg.forget[k] for k in ("fraction", "score", "per_tensor", "freeze_bn_stats")} | {"seed": cfg.seed}
+
+
 def make_trainer(cfg: DictConfig, name: str, distributed: bool = False) -> TrainerFactory:
     """Trainers for one fit: the configured strategy when ``distributed``, else one device."""
 
@@ -154,10 +179,9 @@ def forget_and_report(cfg: DictConfig, s: Setup) -> dict[str, Any] | None:
         few_shot=s.few_shot,
         forget_classes=s.forget_classes,
         num_classes=s.data.num_classes,
-        forget_recipe=recipe(cfg.forget.recipe),
-        train_recipe=recipe(cfg.train),
-        relevance={k: cfg.forget[k] for k in ("fraction", "score", "per_tensor", "freeze_bn_stats")}
-        | {"seed": cfg.seed},
+        forget_recipe=s.forget_recipe,
+        train_recipe=s.train_recipe,
+        relevance=relevance_options(cfg),
         objective=OmegaConf.to_container(cfg.forget.objective),
     )
     L.seed_everything(cfg.seed, verbose=False)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_forget.callback import ClassForgetting
 from lightning_forget.classes import check_forget_classes, remaining_classes
 from lightning_forget.data import dataset_labels
-from lightning_forget.module import ClassifierModule, ForgettingModule
+from lightning_forget.module import ClassifierModule, ForgettingModule, check_optimizer_settings
 
 METHODS: tuple[str, ...] = ("relevance", "finetune", "retrain_few", "retrain")
 
@@ -42,6 +42,11 @@ class Recipe:
     lr: float = 1e-3
     weight_decay: float = 0.0
     scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}.")
+        check_optimizer_settings(self.optimizer, self.lr, self.weight_decay, self.scheduler)
 
     def module_kwargs(self) -> dict[str, Any]:
         return {
@@ -118,9 +123,8 @@ def run_method(
     Raises:
         ValueError: for an unknown method or invalid classes.
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}: choose one of {METHODS}.")
     forget_classes = check_forget_classes(forget_classes, num_classes)
+    check_method(method)
     if method in ("retrain", "retrain_few"):
         source = train_data if method == "retrain" else few_shot
         kept = Subset(source, _indices_of(source, remaining_classes(forget_classes, num_classes)))
@@ -128,13 +132,26 @@ def run_method(
 
     model = copy.deepcopy(original)
     module = ForgettingModule(model, forget_classes, num_classes, **(objective or {}), **forget_recipe.module_kwargs())
-    options = dict(relevance or {})
-    if method == "finetune":  # every entry may change; BatchNorm handled as for relevance
-        options.update(fraction=1.0, score="random")
-    callback = ClassForgetting(forget_classes, **options)
+    callback = forgetting_callback(method, forget_classes, relevance)
     trainer = make_trainer(max_epochs=forget_recipe.epochs, callbacks=[callback])
     seconds = fit_timed(trainer, module, few_shot, forget_recipe.batch_size)
     return Outcome(model, seconds, masks=callback.masks if method == "relevance" else {}, trainer=trainer)
+
+
+def check_method(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is one of ``METHODS``."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}: choose one of {METHODS}.")
+
+
+def forgetting_callback(
+    method: str, forget_classes: Sequence[int], relevance: dict[str, Any] | None
+) -> ClassForgetting:
+    """The callback of ``relevance``; for ``finetune`` one that lets every entry change (BatchNorm alike)."""
+    options = dict(relevance or {})
+    if method == "finetune":
+        options.update(fraction=1.0, score="random")
+    return ClassForgetting(forget_classes, **options)
 
 
 def _indices_of(dataset: Dataset, classes: Sequence[int]) -> list[int]:

@@ -19,6 +19,16 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 Optimizer = Literal["sgd", "adam", "adamw"]
 
 
+def check_optimizer_settings(optimizer: str, lr: float, weight_decay: float, scheduler: str | None) -> None:
+    """Raise ``ValueError`` for an unknown optimizer or scheduler, ``lr <= 0`` or ``weight_decay < 0``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
+    if scheduler not in (None, "cosine"):
+        raise ValueError(f"Unknown scheduler {scheduler!r}: use None or 'cosine'.")
+    if lr <= 0 or weight_decay < 0:
+        raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}.")
+
+
 class ClassifierModule(pl.LightningModule):
     """Trains ``model`` with cross-entropy; validation and test log accuracy per class subset.
 
@@ -50,12 +60,7 @@ class ClassifierModule(pl.LightningModule):
         scheduler: Literal["cosine"] | None = None,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
-        if scheduler not in (None, "cosine"):
-            raise ValueError(f"Unknown scheduler {scheduler!r}: use None or 'cosine'.")
-        if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}.")
+        check_optimizer_settings(optimizer, lr, weight_decay, scheduler)
         forgotten = check_forget_classes(forget_classes, num_classes) if forget_classes else []
         self.model = model
         self.num_classes = num_classes
