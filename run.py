@@ -18,15 +18,18 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from lightning_forget import (
@@ -71,10 +74,16 @@ class Setup:
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     try:
         setup = prepare(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except InstantiationException as err:  # Hydra wraps what a config's target raised
+        _refuse(err.__cause__ or err)
+    except (ConfigError, ValueError, FileNotFoundError, MisconfigurationException, OmegaConfBaseException) as err:
+        _refuse(err)
     return forget_and_report(cfg, setup)
+
+
+def _refuse(err: BaseException) -> NoReturn:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def prepare(cfg: DictConfig) -> Setup:
@@ -88,6 +97,20 @@ def prepare(cfg: DictConfig) -> Setup:
             "Hydra multirun (-m) cannot launch DDP processes (rank 1 would re-run the whole sweep): run each "
             "setting on its own, or sweep with a single-device trainer."
         )
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}.")
+    if not isinstance(cfg.forget.classes, ListConfig):
+        raise ConfigError(
+            f"forget.classes must be a list of class ids, e.g. 'forget.classes=[0,1]', got {cfg.forget.classes!r}."
+        )
+    if cfg.eval.device not in ("auto", "cpu", "cuda") or (cfg.eval.device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"eval.device={cfg.eval.device!r} is not usable here: use auto, cpu or (with a GPU) cuda.")
+    try:
+        instantiate(cfg.trainer, logger=False)
+    except InstantiationException as err:
+        raise ConfigError(
+            f"The trainer config cannot run on this machine ({err.__cause__}): use trainer=default or trainer=cpu."
+        ) from None
     for name in [cfg.method.name, *cfg.baselines]:
         check_method(name)
     train_recipe, forget_recipe = recipe(cfg.train), recipe(cfg.forget.recipe)
@@ -95,7 +118,7 @@ def prepare(cfg: DictConfig) -> Setup:
     forget_classes = check_forget_classes(OmegaConf.to_container(cfg.forget.classes), data.num_classes)
     forgetting_callback(cfg.method.name, forget_classes, relevance_options(cfg))
     ForgettingObjective(forget_classes, data.num_classes, **OmegaConf.to_container(cfg.forget.objective))
-    few_shot = few_shot_subset(data.train, int(cfg.forget.shots), seed=int(cfg.seed))
+    few_shot = few_shot_subset(data.train, cfg.forget.shots, seed=cfg.seed)
     make_model = partial(instantiate(cfg.model), num_classes=data.num_classes, in_channels=data.in_channels)
     L.seed_everything(cfg.seed, verbose=False)
     original, seconds = obtain_original(cfg, data, make_model, train_recipe)

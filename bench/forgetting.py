@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import statistics
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 50])
     parser.add_argument("--forget", nargs="+", default=["3", "3,5"], help="forget settings, comma-separated ids")
+    parser.add_argument("--forget-lr", type=float, default=3e-3, help="learning rate of the forgetting fits")
     parser.add_argument("--skip-ablations", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -66,7 +68,7 @@ def main() -> None:
     data = image_folder(args.root, train_per_class=args.train_per_class or None, in_memory=True)
     make_model = partial(build_model, args.arch, data.num_classes, data.in_channels)
     train_recipe = Recipe(epochs=args.epochs, batch_size=128, optimizer=args.train_optimizer, lr=args.train_lr)
-    forget_recipe = Recipe(epochs=20, batch_size=32, lr=1e-2)
+    forget_recipe = Recipe(epochs=20, batch_size=32, lr=args.forget_lr)
     evaluate = partial(evaluate_forgetting, train=data.train_eval, test=data.test, num_classes=data.num_classes)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -173,7 +175,9 @@ def run_ablations(original, data, recipe, forget, seed, evaluate) -> dict[str, l
     few = few_shot_subset(data.train, 10, seed=seed)
     ev = partial(evaluate, forget_classes=forget, seed=seed)
 
-    def run(relevance: dict[str, Any] | None = None, objective: dict[str, Any] | None = None) -> dict[str, Any]:
+    def run(
+        relevance: dict[str, Any] | None = None, objective: dict[str, Any] | None = None, recipe: Recipe = recipe
+    ) -> dict[str, Any]:
         L.seed_everything(seed, verbose=False)
         model = copy.deepcopy(original)
         module = ForgettingModule(model, forget, data.num_classes, **(objective or {}), **recipe.module_kwargs())
@@ -183,7 +187,7 @@ def run_ablations(original, data, recipe, forget, seed, evaluate) -> dict[str, l
         trainer.fit(module, DataLoader(few, batch_size=recipe.batch_size, shuffle=True))
         return {**ev(model), "seconds": time.perf_counter() - start}
 
-    results: dict[str, list[dict[str, Any]]] = {"fraction": [], "score": [], "loss": [], "batchnorm": []}
+    results: dict[str, list[dict[str, Any]]] = {"fraction": [], "score": [], "loss": [], "batchnorm": [], "lr": []}
     for fraction in (0.001, 0.01, 0.05, 0.1, 0.2, 1.0):
         results["fraction"].append({"setting": fraction, **run({"fraction": fraction})})
     for score in ("ratio", "forget_grad", "fisher_ratio", "random"):
@@ -198,12 +202,15 @@ def run_ablations(original, data, recipe, forget, seed, evaluate) -> dict[str, l
         "forget=ascent": {"forget_loss": "ascent"},
     }.items():
         results["loss"].append({"setting": name, **run(objective=objective)})
+    for lr in (1e-3, 3e-3, 1e-2, 3e-2):
+        recipe_at_lr = dataclasses.replace(recipe, lr=lr)
+        results["lr"].append({"setting": lr, **run(recipe=recipe_at_lr)})
     for freeze in (True, False):
         results["batchnorm"].append({"setting": "frozen" if freeze else "updated", **run({"freeze_bn_stats": freeze})})
     return results
 
 
-def gating_overhead(make_model, data, seed: int, steps: int = 60, repeats: int = 3) -> dict[str, Any]:
+def gating_overhead(make_model, data, seed: int, steps: int = 200, repeats: int = 5) -> dict[str, Any]:
     """Seconds per optimizer step with and without the callback, interleaved in one process."""
     few = few_shot_subset(data.train, 10, seed=seed)
     loader = DataLoader(few, batch_size=32, shuffle=True)

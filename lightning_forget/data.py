@@ -220,15 +220,16 @@ def image_folder(
     if train_per_class is not None:
         keep = few_shot_subset(train, train_per_class, seed).indices
         train, train_eval = Subset(train, keep), Subset(train_eval, keep)
+    classes = list(test.classes)
     if in_memory:
         train_eval, test = in_memory_copy(train_eval), in_memory_copy(test)
     return ClassificationData(
         train=train,
         train_eval=train_eval,
         test=test,
-        num_classes=len(test.classes),
+        num_classes=len(classes),
         in_channels=channels,
-        class_names=list(test.classes),
+        class_names=classes,
     )
 
 

@@ -108,7 +108,9 @@ def evaluate_forgetting(
     train_targets = dataset_labels(train)
     is_forget_train = torch.isin(train_targets, forgotten)
     retain_idx = (~is_forget_train).nonzero().squeeze(1)
-    n_members = min(len(retain_idx), max_members or len(test))
+    if max_members is not None and max_members < 1:
+        raise ValueError(f"max_members must be >= 1 or None, got {max_members}.")
+    n_members = min(len(retain_idx), len(test) if max_members is None else max_members)
     generator = torch.Generator().manual_seed(seed)
     members = retain_idx[torch.randperm(len(retain_idx), generator=generator)[:n_members]]
     forget_idx = is_forget_train.nonzero().squeeze(1)

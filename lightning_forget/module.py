@@ -152,7 +152,7 @@ class ForgettingModule(ClassifierModule):
         forget_weight: float = 1.0,
         temperature: float = 2.0,
         optimizer: Optimizer = "adam",
-        lr: float = 1e-2,
+        lr: float = 3e-3,
         weight_decay: float = 0.0,
         scheduler: Literal["cosine"] | None = None,
     ) -> None:

@@ -107,13 +107,10 @@ BAD_INPUTS: dict[str, tuple[list[str], str]] = {
     "fraction-out-of-range": (["forget.fraction=0"], "fraction must be in (0, 1]"),
     "unknown-forget-optimizer": (["forget.recipe.optimizer=nope"], "Unknown optimizer 'nope'"),
     "unknown-forget-loss": (["forget.objective.forget_loss=nope"], "Unknown forget_loss 'nope'"),
-    # Known gaps, expected to fail until fixed (see KNOWN_GAPS).
-    "imagefolder-without-root": (["dataset=imagefolder"], "dataset.root"),
-    "classes-not-a-list": (["forget.classes=3"], "classes"),
-}
-KNOWN_GAPS = {
-    "imagefolder-without-root": "run.py prepare(): MissingMandatoryValue escapes main()'s except: a full traceback",
-    "classes-not-a-list": "run.py prepare(): OmegaConf.to_container(3) fails with a message not naming forget.classes",
+    "imagefolder-without-root": (["dataset=imagefolder"], "Missing mandatory value: dataset.root"),
+    "classes-not-a-list": (["forget.classes=3"], "forget.classes must be a list"),
+    "seed-not-an-integer": (["seed=abc"], "seed must be an integer"),
+    "gpu-trainer-without-gpu": (["trainer=gpu"], "cannot run on this machine"),
 }
 
 
@@ -293,15 +290,7 @@ def test_every_dataset_option_loads_where_its_files_are_at_hand(option, tmp_path
 # --------------------------------------------------------------------------- refused inputs
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case, marks=[pytest.mark.xfail(reason=KNOWN_GAPS[case], strict=True)] if case in KNOWN_GAPS else []
-        )
-        for case in BAD_INPUTS
-    ],
-)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_refused_with_a_clear_message_before_any_training(case, started):
     attempt = started[case].result()
     overrides, message = BAD_INPUTS[case]
