@@ -1,6 +1,6 @@
 """Benchmark: forgetting vs retraining side by side on real CIFAR-10 images, plus ablations.
 
-    python bench/forgetting.py --root ~/.cache/cifar10-jpg --out bench/results/cpu
+    python bench/forgetting.py --root ~/.cache/cifar10-jpg --out bench/results/cpu_1000
 
 Trains one original model per seed, then for every forget setting, shot count and seed
 produces each row (relevance, finetune, relevance with random scores, retrain_few, retrain)
@@ -50,15 +50,15 @@ def make_trainer(**kwargs: Any) -> L.Trainer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="~/.cache/cifar10-jpg", help="folder with train/ and test/ (ImageFolder)")
-    parser.add_argument("--out", default="bench/results/cpu")
+    parser.add_argument("--out", default="bench/results/cpu_1000")
     parser.add_argument("--arch", default="cnn")
-    parser.add_argument("--train-per-class", type=int, default=300, help="training images per class (None: all)")
-    parser.add_argument("--epochs", type=int, default=15, help="epochs of the original and retrain models")
+    parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (0: all)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of the original and retrain models")
     parser.add_argument("--train-lr", type=float, default=1e-3)
     parser.add_argument("--train-optimizer", default="adam")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 50])
-    parser.add_argument("--forget", nargs="+", default=["3", "3,5"], help="forget settings, comma-separated ids")
+    parser.add_argument("--forget", nargs="+", default=["1", "0,8"], help="forget settings, comma-separated ids")
     parser.add_argument("--forget-lr", type=float, default=3e-3, help="learning rate of the forgetting fits")
     parser.add_argument("--skip-ablations", action="store_true")
     args = parser.parse_args()
