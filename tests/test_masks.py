@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_forget import StepGate, top_fraction_masks
+
+
+def test_global_selection_takes_the_top_entries_across_tensors():
+    scores = {"a": torch.tensor([0.1, 0.9, 0.2]), "b": torch.tensor([[0.8, 0.0], [0.3, 0.7]])}
+    masks = top_fraction_masks(scores, fraction=3 / 7)
+    assert masks["a"].tolist() == [False, True, False]
+    assert masks["b"].tolist() == [[True, False], [False, True]]
+
+
+def test_per_tensor_selection_takes_the_fraction_of_every_tensor():
+    scores = {"a": torch.arange(10.0), "b": torch.arange(4.0) * 100}
+    masks = top_fraction_masks(scores, fraction=0.5, per_tensor=True)
+    assert masks["a"].sum() == 5 and masks["b"].sum() == 2
+    assert masks["a"][5:].all()
+
+
+def test_at_least_one_entry_is_selected():
+    assert top_fraction_masks({"a": torch.rand(10)}, fraction=1e-9)["a"].sum() == 1
+
+
+def test_masks_for_another_model_are_refused():
+    net = nn.Linear(3, 2)
+    params = dict(net.named_parameters())
+    with pytest.raises(ValueError, match="do not fit this model"):
+        StepGate(params, {"weight": torch.ones(2, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="shapes differ"):
+        StepGate(params, {"weight": torch.ones(3, 2, dtype=torch.bool), "bias": torch.ones(2, dtype=torch.bool)})
+
+
+class _ShiftEverything(torch.optim.Optimizer):
+    """An optimizer that moves every parameter, gradient or not."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1.0)
+
+
+def test_an_optimizer_that_moves_tensors_without_gradient_is_detected():
+    net = nn.Linear(3, 2)
+    params = dict(net.named_parameters())
+    masks = {"weight": torch.zeros(2, 3, dtype=torch.bool), "bias": torch.tensor([True, False])}
+    optimizer = _ShiftEverything(net.parameters())
+    gate = StepGate(params, masks)
+    gate.attach([optimizer])
+    net(torch.randn(4, 3)).sum().backward()
+    gate.mask_gradients()
+    assert net.weight.grad is None and net.bias.grad[1] == 0
+    with pytest.raises(RuntimeError, match=r"'weight'.*cannot be gated"):
+        optimizer.step()
+    gate.detach()
