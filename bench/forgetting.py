@@ -185,7 +185,8 @@ def run_ablations(original, data, recipe, forget, seed, evaluate) -> dict[str, l
         trainer = make_trainer(max_epochs=recipe.epochs, callbacks=[callback])
         start = time.perf_counter()
         trainer.fit(module, DataLoader(few, batch_size=recipe.batch_size, shuffle=True))
-        return {**ev(model), "seconds": time.perf_counter() - start}
+        seconds = time.perf_counter() - start
+        return {**ev(model), "seconds": seconds}
 
     results: dict[str, list[dict[str, Any]]] = {"fraction": [], "score": [], "loss": [], "batchnorm": [], "lr": []}
     for fraction in (0.001, 0.01, 0.05, 0.1, 0.2, 1.0):
