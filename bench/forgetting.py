@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_forget import ClassForgetting, ForgettingModule, build_model, evaluate_forgetting, few_shot_subset
+from lightning_forget.callback import DEFAULT_FRACTION
 from lightning_forget.data import image_folder
 from lightning_forget.methods import Recipe, run_method, train_classifier
 from lightning_forget.report import changed_fraction
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 50])
     parser.add_argument("--forget", nargs="+", default=["1", "0,8"], help="forget settings, comma-separated ids")
     parser.add_argument("--forget-lr", type=float, default=3e-3, help="learning rate of the forgetting fits")
+    parser.add_argument("--fraction", type=float, default=DEFAULT_FRACTION, help="ClassForgetting fraction")
     parser.add_argument("--skip-ablations", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -116,9 +118,9 @@ def main() -> None:
             for shots in args.shots:
                 few = few_shot_subset(data.train, shots, seed=seed)
                 variants = {
-                    "relevance": ("relevance", {}),
+                    "relevance": ("relevance", {"fraction": args.fraction}),
                     "finetune": ("finetune", {}),
-                    "relevance_random": ("relevance", {"score": "random", "seed": seed}),
+                    "relevance_random": ("relevance", {"fraction": args.fraction, "score": "random", "seed": seed}),
                     "retrain_few": ("retrain_few", {}),
                 }
                 for row, (method, relevance) in variants.items():

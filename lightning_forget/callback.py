@@ -19,7 +19,7 @@ from lightning_forget.classes import check_forget_classes
 from lightning_forget.masks import StepGate, check_masks_fit, mask_summary, top_fraction_masks
 from lightning_forget.relevance import SCORES, Score, relevance_scores
 
-DEFAULT_FRACTION = 0.1
+DEFAULT_FRACTION = 0.2
 
 
 class ClassForgetting(Callback):
