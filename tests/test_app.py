@@ -159,7 +159,8 @@ def test_default_run_writes_the_full_report_and_forgets_like_retraining(default_
     relevance, retrain = report["models"]["relevance"], report["models"]["retrain"]
     assert relevance["forget_acc"] <= 0.05
     assert abs(relevance["retain_acc"] - retrain["retain_acc"]) <= 0.03
-    assert relevance["changed_fraction"] <= report["config"]["forget"]["fraction"] + 1e-9
+    # the selection rounds fraction x entries to a whole number of entries
+    assert relevance["changed_fraction"] <= report["config"]["forget"]["fraction"] + 1e-4
 
     assert (run_dir / "report.md").read_text().startswith("| model |")
     assert (run_dir / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

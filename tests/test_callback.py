@@ -50,7 +50,7 @@ def test_given_scoring_data_is_used_for_a_fit_without_forgotten_samples():
     torch.manual_seed(0)
     module = UserClassifier()
     expected = top_fraction_masks(relevance_scores(copy.deepcopy(module), loader, [1]), 0.1)
-    callback = ClassForgetting([1], scoring_data=loader)
+    callback = ClassForgetting([1], fraction=0.1, scoring_data=loader)
     quiet_trainer(max_epochs=1, callbacks=[callback]).fit(module, retain_only)
     assert all(torch.equal(expected[n], callback.masks[n]) for n in expected)
 
