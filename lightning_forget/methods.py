@@ -117,7 +117,8 @@ def run_method(
         forget_recipe: recipe of ``relevance`` and ``finetune``.
         train_recipe: recipe of the retrain methods (the original's recipe).
         make_trainer: builds the Trainer of each fit.
-        relevance: keyword arguments of :class:`ClassForgetting` (``relevance`` only).
+        relevance: keyword arguments of :class:`ClassForgetting`; ``finetune`` keeps only
+            their BatchNorm setting and lets every entry change.
         objective: keyword arguments of the forgetting objective.
 
     Raises:
