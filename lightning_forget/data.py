@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
-from tqdm.auto import tqdm
+
+from lightning_forget.image_tensors import (
+    DEFAULT_CACHE_DIR,
+    ImageTensorDataset,
+    check_image_options,
+    decode_image_folder,
+    load_image,
+)
 
 
 def dataset_labels(dataset: Dataset) -> Tensor:
@@ -184,6 +192,8 @@ def image_folder(
     train_per_class: int | None = None,
     seed: int = 0,
     in_memory: bool = False,
+    device: str = "auto",
+    cache_dir: str | None = DEFAULT_CACHE_DIR,
 ) -> ClassificationData:
     """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ``ImageFolder``).
 
@@ -191,17 +201,21 @@ def image_folder(
         root: the folder holding ``train/`` and ``test/``.
         image_size: images are resized and centre-cropped to this size.
         channels: 1 (converted to grey) or 3.
-        mean, std: per-channel normalisation.
+        mean, std: per-channel normalisation, one value per channel.
         augment: random crop and flip for training.
         train_per_class: keep only this many training images per class (drawn with ``seed``),
             for quick runs; ``None`` keeps all.
         seed: seed of that draw.
-        in_memory: decode the evaluation splits once and keep them as tensors, so repeated
-            evaluations do not decode every image again.
+        in_memory: decode every split once into uint8 tensors (cached in ``cache_dir``) and serve them as
+            :class:`~lightning_forget.image_tensors.ImageTensorDataset`, normalised and augmented a whole batch
+            at a time; else decode every image at every epoch with PIL.
+        device: with ``in_memory``, where the images live: ``auto`` (the GPU when there is one and they fit
+            in a quarter of its memory), ``cpu`` or ``cuda``.
+        cache_dir: with ``in_memory``, where decoded splits are kept; ``None`` decodes at every call.
 
     Raises:
         FileNotFoundError: if ``root/train`` or ``root/test`` is missing.
-        ValueError: if train and test hold different classes.
+        ValueError: for bad sizes, channels, statistics or device, or if train and test hold different classes.
     """
     base = Path(root).expanduser()
     for part in ("train", "test"):
@@ -210,19 +224,25 @@ def image_folder(
                 f"dataset.root={str(base)!r} has no {part}/ folder: point dataset.root at a folder holding "
                 "train/<class>/* and test/<class>/*."
             )
-    train_tf, eval_tf = _transforms(mean, std, image_size, augment)
-    loader_kwargs = {"loader": _grey_loader} if channels == 1 else {}
-    train = tv_datasets.ImageFolder(str(base / "train"), transform=train_tf, **loader_kwargs)
-    train_eval = tv_datasets.ImageFolder(str(base / "train"), transform=eval_tf, **loader_kwargs)
-    test = tv_datasets.ImageFolder(str(base / "test"), transform=eval_tf, **loader_kwargs)
-    if train.classes != test.classes:
-        raise ValueError(f"train/ and test/ under {base} hold different classes: {train.classes} vs {test.classes}.")
-    if train_per_class is not None:
-        keep = few_shot_subset(train, train_per_class, seed).indices
-        train, train_eval = Subset(train, keep), Subset(train_eval, keep)
-    classes = list(test.classes)
+    check_image_options(image_size, channels, mean, std, device=device if in_memory else None)
     if in_memory:
-        train_eval, test = in_memory_copy(train_eval), in_memory_copy(test)
+        decoded = [decode_image_folder(base / part, image_size, channels, cache_dir) for part in ("train", "test")]
+        (train_images, train_targets, train_classes), (test_images, test_targets, classes) = decoded
+        train_eval = ImageTensorDataset(train_images, train_targets, mean, std, device=device)
+        train = train_eval.with_augment(augment)
+        test = ImageTensorDataset(test_images, test_targets, mean, std, device=device)
+    else:
+        train_tf, eval_tf = _transforms(mean, std, image_size, augment)
+        loader = partial(load_image, channels=channels)
+        train = tv_datasets.ImageFolder(str(base / "train"), transform=train_tf, loader=loader)
+        train_eval = tv_datasets.ImageFolder(str(base / "train"), transform=eval_tf, loader=loader)
+        test = tv_datasets.ImageFolder(str(base / "test"), transform=eval_tf, loader=loader)
+        train_classes, classes = train.classes, test.classes
+    if train_classes != classes:
+        raise ValueError(f"train/ and test/ under {base} hold different classes: {train_classes} vs {classes}.")
+    if train_per_class is not None:
+        keep = few_shot_subset(train_eval, train_per_class, seed).indices
+        train, train_eval = Subset(train, keep), Subset(train_eval, keep)
     return ClassificationData(
         train=train,
         train_eval=train_eval,
@@ -231,16 +251,3 @@ def image_folder(
         in_channels=channels,
         class_names=classes,
     )
-
-
-def in_memory_copy(dataset: Dataset, batch_size: int = 512) -> Dataset:
-    """The samples of ``dataset`` (deterministic transforms only) decoded once into tensors."""
-    images, labels = [], []
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc="Decoding into memory", leave=False):
-        images.append(x)
-        labels.append(torch.as_tensor(y))
-    return _LabelledTensors(torch.cat(images), torch.cat(labels))
-
-
-def _grey_loader(path: str):
-    return tv_datasets.folder.default_loader(path).convert("L")
