@@ -1,8 +1,11 @@
-"""The ``ClassForgetting`` callback: relevance masks at fit start, gated optimizer steps."""
+"""The ``ClassForgetting`` callback: relevance masks at fit start, gated optimizer steps, a forgetting verdict."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+import itertools
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,37 +13,59 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_forget.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
 from lightning_forget.classes import check_forget_classes
 from lightning_forget.masks import StepGate, check_masks_fit, mask_summary, top_fraction_masks
-from lightning_forget.relevance import SCORES, Score, relevance_scores
+from lightning_forget.objective import ForgettingObjective
+from lightning_forget.relevance import SCORES, Score, eval_mode, relevance_scores
+from lightning_forget.verdict import Evidence, ForgetCriterion, Verdict, measure
 
 DEFAULT_FRACTION = 0.2
+DEFAULT_OBJECTIVE = ForgettingObjective()
+DEFAULT_CRITERION = ForgetCriterion()
 
 
 class ClassForgetting(Callback):
-    """Let only the parameter entries most relevant to ``forget_classes`` change during ``fit``.
+    """Make a classifier forget ``forget_classes`` during ``fit``, changing only the most relevant entries.
 
     At the start of training, before the first optimizer step, every entry of every trainable
-    parameter is scored for its relevance to the forgotten classes (see
-    :func:`~lightning_forget.relevance.relevance_scores`), the top ``fraction`` is selected, and
-    from then on every other entry stays bit-identical, whatever the optimizer, precision,
-    accumulation, clipping or DDP do. Masks are saved in the callback's state, so a resumed
-    fit reuses them; a second ``fit`` with the same callback reuses them too.
+    parameter is scored for its relevance to the forgotten classes on the fit's samples (see
+    :func:`~lightning_forget.relevance.relevance_scores`) and the top ``fraction`` is selected.
+    From then on every other entry stays bit-identical, whatever the optimizer, precision,
+    accumulation, clipping or DDP do.
+
+    The forgetting itself comes from ``objective``: for this fit the module's ``training_step``
+    is replaced by the forgetting objective against a frozen snapshot of the model taken at fit
+    start (so any LightningModule whose ``forward`` returns class logits forgets, with its own
+    optimizer). Pass ``objective=None`` to keep the module's own ``training_step``.
+
+    After every epoch the samples are checked against ``criterion``; with
+    ``stop_when_forgotten`` the fit stops as soon as it is met (``max_epochs`` is the cap). The
+    fit ends with a :class:`~lightning_forget.verdict.Verdict` in :attr:`verdict`, logged, and a
+    warning when the classes were not forgotten.
 
     Args:
         forget_classes: class indices to forget.
         fraction: share of entries allowed to change, in (0, 1].
         score: relevance score: ``ratio``, ``forget_grad``, ``fisher_ratio`` or ``random``.
-        scoring_data: batches ``(inputs, targets)`` to score on; ``None`` uses the fit's
-            training dataloader.
+        objective: the forgetting loss, or ``None`` to train with the module's own ``training_step``.
+        criterion: when the samples say the classes are forgotten.
+        stop_when_forgotten: stop the fit once ``criterion`` is met.
+        scoring_data: batches to score and check on; ``None`` uses every sample of the fit's
+            training dataloader (in order, none dropped).
         per_tensor: select ``fraction`` of every tensor instead of globally.
         freeze_bn_stats: keep BatchNorm layers in eval mode while training, so a few samples
             do not overwrite their running statistics.
+        inputs_targets: ``batch -> (inputs, class targets)`` for batches that are not
+            ``(inputs, targets, ...)`` tuples (e.g. dicts).
+        logits: where the logits are in the module's output (see :class:`~lightning_forget.batches.BatchFormat`).
         seed: seed of the ``random`` score.
 
     Raises:
@@ -52,25 +77,49 @@ class ClassForgetting(Callback):
         forget_classes: Sequence[int],
         fraction: float = DEFAULT_FRACTION,
         score: Score = "ratio",
+        *,
+        objective: ForgettingObjective | None = DEFAULT_OBJECTIVE,
+        criterion: ForgetCriterion = DEFAULT_CRITERION,
+        stop_when_forgotten: bool = True,
         scoring_data: Iterable[Any] | None = None,
         per_tensor: bool = False,
         freeze_bn_stats: bool = True,
+        inputs_targets: BatchFn | None = None,
+        logits: LogitsSpec = None,
         seed: int = 0,
     ) -> None:
         self.forget_classes = check_forget_classes(forget_classes)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
         if score not in SCORES:
             raise ValueError(f"Unknown relevance score {score!r}: choose one of {SCORES}.")
+        if objective is not None and not isinstance(objective, ForgettingObjective):
+            raise TypeError(f"objective must be a ForgettingObjective or None, got {type(objective).__name__}.")
+        if not isinstance(criterion, ForgetCriterion):
+            raise TypeError(f"criterion must be a ForgetCriterion, got {type(criterion).__name__}.")
+        for name, flag in (("stop_when_forgotten", stop_when_forgotten), ("per_tensor", per_tensor)):
+            _check_bool(name, flag)
+        _check_bool("freeze_bn_stats", freeze_bn_stats)
         self.fraction = fraction
         self.score = score
+        self.objective = objective
+        self.criterion = criterion
+        self.stop_when_forgotten = stop_when_forgotten
         self.scoring_data = scoring_data
         self.per_tensor = per_tensor
         self.freeze_bn_stats = freeze_bn_stats
+        self.batch_format = BatchFormat(inputs_targets, logits)
         self.seed = seed
+        self.verdict: Verdict | None = None
         self._masks: dict[str, Tensor] = {}
+        self._restored = False
+        self._scored_for: weakref.ref | None = None
+        self._teacher: dict[str, Tensor] = {}
+        self._before: Evidence | None = None
+        self._samples: Iterable[Any] | None = None
         self._gate: StepGate | None = None
         self._frozen_bn: list[_BatchNorm] = []
+        self._installed = False
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -94,18 +143,101 @@ class ClassForgetting(Callback):
                 "ClassForgetting does not support spawned DDP processes (ddp_spawn, ddp_fork, ...): their masks "
                 "would not come back to the main process. Use strategy='ddp'."
             )
+        if stage == "fit" and self.objective is not None and not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "ClassForgetting cannot put its forgetting objective into a module with manual optimization: pass "
+                "objective=None and compute a forgetting loss in your training_step."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-        if self._masks:
+        _check_finite(pl_module)
+        self._samples = self._samples_of(trainer)
+        forward = _forward_of(trainer, pl_module)
+        same_module = self._scored_for is not None and self._scored_for() is pl_module
+        if self._masks and (self._restored or same_module):
             check_masks_fit(self._masks, params)
+            if self._restored and self._teacher:
+                self._teacher = _rebuild(pl_module, self._masks, self._teacher)
         else:
-            self._masks = self._score(trainer, pl_module)
+            if self._masks:
+                rank_zero_info("ClassForgetting: a new module; scoring it instead of reusing the last fit's masks.")
+            self._masks = self._score(trainer, pl_module, forward)
+            self._teacher = {}
+        self._scored_for = weakref.ref(pl_module)
         self._check_same_on_all_ranks(trainer)
+        if self.objective is not None:
+            if not self._teacher:
+                self._teacher = _snapshot(pl_module)
+            self._install_objective(pl_module)
+        if self._before is None or not (self._restored or same_module):
+            self._before = self._measure(trainer, pl_module, forward)
+        self._restored = False
         self._gate = StepGate(params, self._masks)
         self._gate.attach(trainer.optimizers)
         self._frozen_bn = [m for m in pl_module.modules() if isinstance(m, _BatchNorm)] if self.freeze_bn_stats else []
         rank_zero_info(self._describe_selection())
+
+    def _samples_of(self, trainer: pl.Trainer) -> Iterable[Any]:
+        """Every sample of this process's share of the training data, in order: none dropped, none repeated."""
+        if self.scoring_data is not None:
+            return self.scoring_data
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise MisconfigurationException("ClassForgetting found no data to score: pass scoring_data.")
+        if not isinstance(loader, DataLoader):
+            raise MisconfigurationException(
+                f"ClassForgetting scores on one training dataloader, got {type(loader).__name__}: pass "
+                "scoring_data= the batches of the forgetting samples."
+            )
+        if isinstance(loader.dataset, IterableDataset):
+            return loader
+        shard = range(trainer.global_rank, len(loader.dataset), trainer.world_size)
+        batch_size = loader.batch_size or 1
+        return DataLoader(loader.dataset, batch_size=batch_size, sampler=shard, collate_fn=loader.collate_fn)
+
+    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, forward: Callable) -> dict[str, Tensor]:
+        scores = relevance_scores(
+            pl_module,
+            self._samples,
+            self.forget_classes,
+            self.score,
+            batch_format=self.batch_format,
+            forward=forward,
+            reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+            seed=self.seed,
+            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+        )
+        return top_fraction_masks(scores, self.fraction, self.per_tensor)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, forward: Callable) -> Evidence:
+        with eval_mode(pl_module):
+            return measure(
+                forward,
+                self._samples,
+                self.forget_classes,
+                batch_format=self.batch_format,
+                device=pl_module.device,
+                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+            )
+
+    def _install_objective(self, pl_module: pl.LightningModule) -> None:
+        """Replace ``training_step`` for this fit: the objective against the snapshot taken at fit start."""
+        objective, teacher, fmt, classes = self.objective, self._teacher, self.batch_format, self.forget_classes
+
+        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Tensor:
+            inputs, targets = fmt.split(batch)
+            with torch.no_grad(), eval_mode(pl_module):
+                teacher_logits = fmt.logits_of(functional_call(pl_module, teacher, (inputs,)))
+            logits = fmt.logits_of(pl_module(inputs))
+            check_targets(targets, logits.shape[-1])
+            terms = objective(logits, teacher_logits, targets, classes)
+            pl_module.log_dict({f"forget/{k}": v for k, v in terms.items() if k != "loss"})
+            pl_module.log("forget/loss", terms["loss"], prog_bar=True)
+            return terms["loss"]
+
+        pl_module.training_step = training_step
+        self._installed = True
 
     def _describe_selection(self) -> str:
         rows = self.selection_summary
@@ -116,21 +248,6 @@ class ClassForgetting(Callback):
         ]
         lines += [f"  {r['name']}: {r['selected']:,} / {r['total']:,}" for r in rows if r["selected"]]
         return "\n".join(lines)
-
-    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        batches = self.scoring_data if self.scoring_data is not None else trainer.train_dataloader
-        if batches is None:
-            raise MisconfigurationException("ClassForgetting found no data to score: pass scoring_data.")
-        scores = relevance_scores(
-            pl_module,
-            batches,
-            self.forget_classes,
-            self.score,
-            reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
-            seed=self.seed,
-            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-        )
-        return top_fraction_masks(scores, self.fraction, self.per_tensor)
 
     def _check_same_on_all_ranks(self, trainer: pl.Trainer) -> None:
         # Count and index sum of the selected entries of every tensor, compared across ranks.
@@ -158,6 +275,39 @@ class ClassForgetting(Callback):
         if self._gate is not None:
             self._gate.mask_gradients()
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        now = self._measure(trainer, pl_module, _forward_of(trainer, pl_module))
+        pl_module.log_dict(
+            {
+                "forget/samples_forget_acc": now.forget_acc,
+                "forget/samples_forget_mass": now.forget_mass,
+                "forget/samples_retain_acc": now.retain_acc,
+            }
+        )
+        if self.stop_when_forgotten and not self.criterion.shortfalls(self._before, now):
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        after = self._measure(trainer, pl_module, _forward_of(trainer, pl_module))
+        shortfalls = self.criterion.shortfalls(self._before, after)
+        self.verdict = Verdict(
+            forgotten=not shortfalls,
+            forget_classes=self.forget_classes,
+            before=self._before,
+            after=after,
+            epochs=trainer.current_epoch,
+            shortfalls=shortfalls,
+        )
+        if self.verdict.forgotten:
+            rank_zero_info(f"ClassForgetting: {self.verdict}")
+        else:
+            advice = (
+                "raise max_epochs, the learning rate or fraction"
+                if self.objective is not None
+                else "your training_step's loss does not remove the classes: leave objective at its default"
+            )
+            rank_zero_warn(f"ClassForgetting: {self.verdict} To forget them: {advice}.")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release(pl_module)
 
@@ -168,17 +318,87 @@ class ClassForgetting(Callback):
         if self._gate is not None:
             self._gate.detach()
             self._gate = None
+        if self._installed:
+            del pl_module.training_step
+            self._installed = False
         for bn in self._frozen_bn:
             bn.train(pl_module.training)
         self._frozen_bn = []
+        self._samples = None
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "forget_classes": self.forget_classes,
+            "fraction": self.fraction,
+            "score": self.score,
+            "per_tensor": self.per_tensor,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {n: m.cpu() for n, m in self._masks.items()}, "forget_classes": self.forget_classes}
+        state: dict[str, Any] = {"masks": {n: m.cpu() for n, m in self._masks.items()}, **self._settings()}
+        if self._before is not None:
+            state["before"] = dataclasses.asdict(self._before)
+        if self._teacher:
+            # The snapshot where the model may have changed since: enough to rebuild it on resume.
+            state["teacher"] = {
+                n: t[self._masks[n]].cpu() if n in self._masks else t.cpu() for n, t in self._teacher.items()
+            }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["forget_classes"] != self.forget_classes:
+        differ = {k: (state_dict.get(k), v) for k, v in self._settings().items() if state_dict.get(k) != v}
+        if differ:
+            described = ", ".join(f"{k}: checkpoint {a!r}, callback {b!r}" for k, (a, b) in differ.items())
             raise ValueError(
-                f"The checkpoint's masks forget classes {state_dict['forget_classes']}, this callback "
-                f"{self.forget_classes}: resume with the same forget_classes."
+                f"The checkpoint's ClassForgetting masks were made with other settings ({described}): resume "
+                "with the same settings, or start a new fit from the original model to re-score."
             )
         self._masks = dict(state_dict["masks"])
+        self._teacher = dict(state_dict.get("teacher", {}))
+        self._before = Evidence(**state_dict["before"]) if "before" in state_dict else None
+        self._restored = True
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
+    """Detached copies of every parameter and buffer."""
+    named = itertools.chain(module.named_parameters(), module.named_buffers())
+    return {n: t.detach().clone() for n, t in named}
+
+
+def _rebuild(module: torch.nn.Module, masks: dict[str, Tensor], saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The fit-start snapshot from a resumed model: its unmasked entries never changed, the rest were saved."""
+    snapshot = _snapshot(module)
+    for name, values in saved.items():
+        target = snapshot[name]
+        if name in masks:
+            target[masks[name].to(target.device)] = values.to(target)
+        else:
+            target.copy_(values)
+    return snapshot
+
+
+def _forward_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Any], Any]:
+    """The module's forward with inputs converted and run as the trainer's precision does."""
+    precision = trainer.precision_plugin
+
+    def forward(inputs: Any) -> Any:
+        with precision.forward_context():
+            return pl_module(precision.convert_input(inputs))
+
+    return forward
+
+
+def _check_finite(pl_module: pl.LightningModule) -> None:
+    named = itertools.chain(pl_module.named_parameters(), pl_module.named_buffers())
+    bad = [n for n, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(
+            f"The model holds NaN or inf values in {bad[:5]}: forgetting starts from a trained model; load "
+            "finite weights."
+        )
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -11,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_forget.callback import ClassForgetting
 from lightning_forget.classes import check_forget_classes
 from lightning_forget.evaluation import SubsetAccuracy
-from lightning_forget.objective import ForgetLoss, ForgettingObjective
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -121,24 +120,22 @@ class ClassifierModule(pl.LightningModule):
 
 
 class ForgettingModule(ClassifierModule):
-    """Makes a trained classifier forget ``forget_classes`` from a few samples per class.
+    """A plain classifier ready to forget ``forget_classes`` from a few samples per class.
 
-    A frozen copy of ``model`` taken at construction is the teacher: remaining-class samples
-    are trained with cross-entropy and distillation to it, forgotten-class samples with a
-    forget loss (see :class:`~lightning_forget.objective.ForgettingObjective`). Pair it with
-    the :class:`~lightning_forget.ClassForgetting` callback to change only the relevant entries.
+    The forgetting is done by the :class:`~lightning_forget.ClassForgetting` callback (scoring,
+    masks, objective, stop rule and verdict); this module brings the model, the optimizer
+    recipe that forgets well (Adam, lr 3e-3) and the forgotten/remaining accuracies of
+    validation and test. When the trainer has no ``ClassForgetting`` callback, the module adds
+    one with the default settings, so ``Trainer().fit(ForgettingModule(...), loader)`` forgets.
 
     Args:
         model: the trained classifier; it is trained in place.
         forget_classes: class indices to forget.
         num_classes: number of classes.
-        forget_loss: ``renormalized``, ``uniform``, ``random_label`` or ``ascent``.
-        retain_weight, distill_weight, forget_weight: weights of the loss terms.
-        temperature: distillation temperature.
         optimizer, lr, weight_decay, scheduler: as for :class:`ClassifierModule`.
 
     Raises:
-        ValueError: for invalid classes, loss settings or optimizer settings.
+        ValueError: for invalid classes or optimizer settings.
     """
 
     def __init__(
@@ -146,44 +143,15 @@ class ForgettingModule(ClassifierModule):
         model: nn.Module,
         forget_classes: Sequence[int],
         num_classes: int,
-        forget_loss: ForgetLoss = "renormalized",
-        retain_weight: float = 1.0,
-        distill_weight: float = 1.0,
-        forget_weight: float = 1.0,
-        temperature: float = 2.0,
         optimizer: Optimizer = "adam",
         lr: float = 3e-3,
         weight_decay: float = 0.0,
         scheduler: Literal["cosine"] | None = None,
     ) -> None:
-        objective = ForgettingObjective(
-            forget_classes, num_classes, forget_loss, retain_weight, distill_weight, forget_weight, temperature
-        )
+        forget_classes = check_forget_classes(forget_classes, num_classes)
         super().__init__(model, num_classes, forget_classes, optimizer, lr, weight_decay, scheduler)
-        self.objective = objective
-        self.save_hyperparameters(
-            {
-                **self.hparams,
-                "forget_loss": forget_loss,
-                "retain_weight": retain_weight,
-                "distill_weight": distill_weight,
-                "forget_weight": forget_weight,
-                "temperature": temperature,
-            }
-        )
-        # Kept outside the module tree: not trained, not checkpointed, never switched to train mode.
-        self._teacher = (copy.deepcopy(model).eval().requires_grad_(False),)
 
-    @property
-    def teacher(self) -> nn.Module:
-        """The frozen original model."""
-        return self._teacher[0]
-
-    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        x, y = batch[0], batch[1]
-        with torch.no_grad():
-            teacher_logits = self.teacher.to(x.device)(x)
-        terms = self.objective(self(x), teacher_logits, y)
-        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"})
-        self.log("train/loss", terms["loss"], prog_bar=True)
-        return terms["loss"]
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if any(isinstance(c, ClassForgetting) for c in self.trainer.callbacks):
+            return []
+        return [ClassForgetting(self.forget_classes)]

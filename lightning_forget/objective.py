@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from lightning_forget.classes import check_forget_classes
+from torch import Tensor
 
 ForgetLoss = Literal["renormalized", "uniform", "random_label", "ascent"]
 FORGET_LOSSES: tuple[str, ...] = ("renormalized", "uniform", "random_label", "ascent")
+DistillTarget = Literal["renormalized", "original"]
+DISTILL_TARGETS: tuple[str, ...] = ("renormalized", "original")
 
 
-class ForgettingObjective(nn.Module):
+@dataclass(frozen=True)
+class ForgettingObjective:
     """Loss of a student on a batch, given the original (teacher) model's logits.
 
     Remaining-class samples: ``retain_weight`` x cross-entropy to their labels plus
-    ``distill_weight`` x KL divergence to the teacher at ``temperature`` (scaled by T^2).
+    ``distill_weight`` x KL divergence to the teacher at ``temperature`` (scaled by T^2). With
+    ``distill_target="renormalized"`` the teacher's distribution has the forgotten classes
+    removed, as a model that never saw them would answer; ``"original"`` keeps them.
     Forgotten-class samples: ``forget_weight`` x a forget loss:
 
     - ``renormalized``: cross-entropy to the teacher's distribution with the forgotten
-      classes removed and renormalised, what a model that never saw them would answer;
+      classes removed and renormalised (the target of DELETE, Zhou et al., CVPR 2025);
     - ``uniform``: cross-entropy to the uniform distribution over the remaining classes;
     - ``random_label``: cross-entropy to a random remaining class;
     - ``ascent``: negative cross-entropy to the true label, bounded at ``2 log(num_classes)``.
@@ -32,75 +36,78 @@ class ForgettingObjective(nn.Module):
     Each term is a mean over its own samples; a batch without such samples adds 0.
 
     Args:
-        forget_classes: class indices to forget.
-        num_classes: number of classes.
         forget_loss: one of ``FORGET_LOSSES``.
         retain_weight, distill_weight, forget_weight: non-negative weights of the terms.
         temperature: distillation temperature, > 0.
+        distill_target: ``renormalized`` or ``original``.
 
     Raises:
-        ValueError: for invalid classes, unknown ``forget_loss``, negative weights or temperature <= 0.
+        ValueError: for an unknown ``forget_loss`` or ``distill_target``, negative weights or
+            temperature <= 0.
     """
 
-    def __init__(
-        self,
-        forget_classes: Sequence[int],
-        num_classes: int,
-        forget_loss: ForgetLoss = "renormalized",
-        retain_weight: float = 1.0,
-        distill_weight: float = 1.0,
-        forget_weight: float = 1.0,
-        temperature: float = 2.0,
-    ) -> None:
-        super().__init__()
-        forgotten = check_forget_classes(forget_classes, num_classes)
-        if forget_loss not in FORGET_LOSSES:
-            raise ValueError(f"Unknown forget_loss {forget_loss!r}: choose one of {FORGET_LOSSES}.")
-        weights = {"retain_weight": retain_weight, "distill_weight": distill_weight, "forget_weight": forget_weight}
-        negative = {k: v for k, v in weights.items() if v < 0}
-        if negative:
-            raise ValueError(f"Loss weights must be >= 0, got {negative}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        self.forget_loss = forget_loss
-        self.retain_weight, self.distill_weight, self.forget_weight = retain_weight, distill_weight, forget_weight
-        self.temperature = temperature
-        self.num_classes = num_classes
-        is_forgotten = torch.zeros(num_classes, dtype=torch.bool)
-        is_forgotten[forgotten] = True
-        self.register_buffer("is_forgotten", is_forgotten, persistent=False)
+    forget_loss: ForgetLoss = "renormalized"
+    retain_weight: float = 1.0
+    distill_weight: float = 1.0
+    forget_weight: float = 1.0
+    temperature: float = 2.0
+    distill_target: DistillTarget = "renormalized"
 
-    def forward(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def __post_init__(self) -> None:
+        if self.forget_loss not in FORGET_LOSSES:
+            raise ValueError(f"Unknown forget_loss {self.forget_loss!r}: choose one of {FORGET_LOSSES}.")
+        if self.distill_target not in DISTILL_TARGETS:
+            raise ValueError(f"Unknown distill_target {self.distill_target!r}: choose one of {DISTILL_TARGETS}.")
+        weights = {"retain_weight": self.retain_weight, "distill_weight": self.distill_weight}
+        weights["forget_weight"] = self.forget_weight
+        bad = {k: v for k, v in weights.items() if not _is_number(v) or v < 0}
+        if bad:
+            raise ValueError(f"Loss weights must be numbers >= 0, got {bad}.")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}.")
+
+    def __call__(
+        self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, forget_classes: Sequence[int]
+    ) -> dict[str, Tensor]:
         """Return the ``loss`` and its unweighted terms ``retain``, ``distill`` and ``forget``."""
         logits, teacher_logits = logits.float(), teacher_logits.float()
-        forget_rows = self.is_forgotten[targets]
+        is_forgotten = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        is_forgotten[list(forget_classes)] = True
+        forget_rows = is_forgotten[targets]
         retain_rows = ~forget_rows
         zero = logits.sum() * 0.0
         retain = distill = forget = zero
         if retain_rows.any():
             retain = F.cross_entropy(logits[retain_rows], targets[retain_rows])
+            teacher = teacher_logits[retain_rows]
+            if self.distill_target == "renormalized":
+                teacher = teacher.masked_fill(is_forgotten, float("-inf"))
             t = self.temperature
-            distill = F.kl_div(
-                F.log_softmax(logits[retain_rows] / t, dim=-1),
-                F.log_softmax(teacher_logits[retain_rows] / t, dim=-1),
-                log_target=True,
-                reduction="batchmean",
-            ) * (t * t)
+            distill = _kl_to(F.log_softmax(logits[retain_rows] / t, dim=-1), F.softmax(teacher / t, dim=-1)) * (t * t)
         if forget_rows.any():
-            forget = self._forget_term(logits[forget_rows], teacher_logits[forget_rows], targets[forget_rows])
+            rows = forget_rows
+            forget = self._forget_term(logits[rows], teacher_logits[rows], targets[rows], is_forgotten)
         loss = self.retain_weight * retain + self.distill_weight * distill + self.forget_weight * forget
         return {"loss": loss, "retain": retain.detach(), "distill": distill.detach(), "forget": forget.detach()}
 
-    def _forget_term(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    def _forget_term(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, is_forgotten: Tensor) -> Tensor:
         if self.forget_loss == "ascent":
-            bound = 2 * math.log(self.num_classes)
+            bound = 2 * math.log(logits.shape[-1])
             return -F.cross_entropy(logits, targets, reduction="none").clamp(max=bound).mean()
         if self.forget_loss == "random_label":
-            remaining = (~self.is_forgotten).nonzero().squeeze(1)
+            remaining = (~is_forgotten).nonzero().squeeze(1)
             picks = torch.randint(len(remaining), targets.shape, device=targets.device)
             return F.cross_entropy(logits, remaining[picks])
         if self.forget_loss == "uniform":
-            target = (~self.is_forgotten).float().expand_as(logits)
-        else:
-            target = F.softmax(teacher_logits.masked_fill(self.is_forgotten, float("-inf")), dim=-1)
-        return F.cross_entropy(logits, target / target.sum(-1, keepdim=True))
+            target = (~is_forgotten).float().expand_as(logits)
+            return F.cross_entropy(logits, target / target.sum(-1, keepdim=True))
+        return F.cross_entropy(logits, F.softmax(teacher_logits.masked_fill(is_forgotten, float("-inf")), dim=-1))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _kl_to(log_student: Tensor, target: Tensor) -> Tensor:
+    """KL(target || student) per sample, batch mean; zero-probability target entries contribute 0."""
+    return (torch.xlogy(target, target) - target * log_student).sum(-1).mean()

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_forget.batches import BatchFormat, check_targets
+
 Score = Literal["ratio", "forget_grad", "fisher_ratio", "random"]
 SCORES: tuple[str, ...] = ("ratio", "forget_grad", "fisher_ratio", "random")
 
@@ -36,6 +38,8 @@ def relevance_scores(
     forget_classes: Sequence[int],
     score: Score = "ratio",
     *,
+    batch_format: BatchFormat | None = None,
+    forward: Callable[[Any], Any] | None = None,
     reduce: Callable[[Tensor], Tensor] = lambda t: t,
     seed: int = 0,
     progress: bool = False,
@@ -46,12 +50,16 @@ def relevance_scores(
     ``module`` in eval mode, so BatchNorm statistics, ``.grad`` and DDP hooks are untouched.
 
     Args:
-        module: a classifier whose ``forward(inputs)`` returns class logits.
-        batches: iterable of ``(inputs, class_targets, ...)`` batches.
+        module: a classifier.
+        batches: iterable of batches that ``batch_format`` reads as ``(inputs, class_targets)``.
         forget_classes: the classes to forget.
         score: ``ratio`` (mean |g| on forgotten-class samples over mean |g| on the others),
             ``forget_grad`` (mean |g| on forgotten-class samples), ``fisher_ratio`` (``ratio``
             with squared gradients) or ``random`` (uniform noise, for ablations).
+        batch_format: where inputs, targets and logits are in batches and outputs; ``None``
+            reads ``(inputs, targets, ...)`` batches and a logits output.
+        forward: ``inputs -> output`` of ``module`` (e.g. under a precision context); ``None`` calls
+            ``module(inputs)``.
         reduce: sums a tensor across processes; the identity in one process.
         seed: seed of the ``random`` score.
         progress: show a progress bar over the batches.
@@ -60,8 +68,9 @@ def relevance_scores(
         Parameter name (as in ``named_parameters``) to a float tensor of its shape.
 
     Raises:
-        ValueError: unknown ``score``; a class id outside the logits; scoring data without
-            forgotten-class samples, or (for the ratios) without remaining-class samples.
+        ValueError: unknown ``score``; a class id outside the logits; targets that are not class
+            ids; non-finite gradients; scoring data without forgotten-class samples, or (for the
+            ratios) without remaining-class samples.
     """
     if score not in SCORES:
         raise ValueError(f"Unknown relevance score {score!r}: choose one of {SCORES}.")
@@ -71,7 +80,11 @@ def relevance_scores(
         return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
 
     power = 2 if score == "fisher_ratio" else 1
-    forget_sum, retain_sum, counts = _gradient_moments(module, params, batches, forget_classes, power, progress)
+    forward = forward or module
+    batch_format = batch_format or BatchFormat()
+    forget_sum, retain_sum, counts = _gradient_moments(
+        params, batches, forget_classes, power, batch_format, forward, module, progress
+    )
     flat = reduce(torch.cat([counts] + [t.flatten() for t in forget_sum + retain_sum]))
     counts, (forget_total, retain_total) = flat[:2], flat[2:].chunk(2)
     n_forget, n_retain = int(counts[0].item()), int(counts[1].item())
@@ -88,15 +101,22 @@ def relevance_scores(
     relevance = forget_total / n_forget
     if score != "forget_grad":
         relevance = relevance / (retain_total / n_retain + _EPS)
+    if not torch.isfinite(relevance).all():
+        raise ValueError(
+            "Relevance scores are not finite: the model's gradients on the scoring data hold NaN or inf. "
+            "Check the model's weights and the data for NaN/inf values."
+        )
     return {n: r.view_as(p) for (n, p), r in zip(params.items(), relevance.split([p.numel() for p in params.values()]))}
 
 
 def _gradient_moments(
-    module: nn.Module,
     params: dict[str, nn.Parameter],
     batches: Iterable[Any],
     forget_classes: Sequence[int],
     power: int,
+    batch_format: BatchFormat,
+    forward: Callable[[Any], Any],
+    module: nn.Module,
     progress: bool,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Sums of ``|g|**power`` per entry over forgotten-class and remaining-class samples, and both counts."""
@@ -108,14 +128,15 @@ def _gradient_moments(
     forgotten = torch.tensor(list(forget_classes), device=device)
     with eval_mode(module), torch.enable_grad():
         for batch in tqdm(batches, desc="Relevance scoring", disable=not progress, leave=False):
-            inputs, targets = batch[0].to(device), batch[1].to(device)
+            inputs, targets = batch_format.split(batch)
+            inputs, targets = inputs.to(device), targets.to(device)
             for x, y in zip(inputs, targets):
-                logits = module(x.unsqueeze(0))
-                largest = max(int(y), int(forgotten.max()))
-                if largest >= logits.shape[-1]:
+                logits = batch_format.logits_of(forward(x.unsqueeze(0)))
+                check_targets(y.view(1), logits.shape[-1])
+                if int(forgotten.max()) >= logits.shape[-1]:
                     raise ValueError(
-                        f"Class id {largest} is outside the model's {logits.shape[-1]} output logits: "
-                        "check forget_classes and the data's labels."
+                        f"Class id {int(forgotten.max())} is outside the model's {logits.shape[-1]} output logits: "
+                        "check forget_classes."
                     )
                 loss = F.cross_entropy(logits.float(), y.view(1))
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True)

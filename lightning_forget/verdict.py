@@ -1,0 +1,155 @@
+"""Whether the few samples at hand say the classes are forgotten: the stop rule and the verdict of a fit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_forget.batches import BatchFormat
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A model's answers on the forgetting samples.
+
+    Attributes:
+        forget_acc: accuracy on the forgotten-class samples.
+        retain_acc: accuracy on the remaining-class samples.
+        forget_mass: mean probability the model gives the forgotten classes on their own samples.
+        forget_samples, retain_samples: how many samples of each kind were seen.
+    """
+
+    forget_acc: float
+    retain_acc: float
+    forget_mass: float
+    forget_samples: int
+    retain_samples: int
+
+
+@dataclass(frozen=True)
+class ForgetCriterion:
+    """When the evidence says the classes are gone and the others are kept.
+
+    A model retrained without the classes never predicts them and gives them almost no
+    probability on their own samples. Accuracy alone is not enough on the few samples that
+    were trained on: it reaches 0 long before unseen samples of the class stop being
+    recognised, so the probability mass must fall too.
+
+    Args:
+        max_forget_acc: highest accuracy allowed on the forgotten-class samples.
+        max_forget_mass: highest mean probability of the forgotten classes on their samples.
+        max_retain_drop: largest allowed fall of the remaining-class accuracy from the start.
+
+    Raises:
+        ValueError: for a value outside [0, 1].
+    """
+
+    max_forget_acc: float = 0.0
+    max_forget_mass: float = 0.01
+    max_retain_drop: float = 0.03
+
+    def __post_init__(self) -> None:
+        for name in ("max_forget_acc", "max_forget_mass", "max_retain_drop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+
+    def shortfalls(self, before: Evidence, now: Evidence) -> list[str]:
+        """What is not met yet, in words; empty when forgotten."""
+        missing = []
+        if now.forget_acc > self.max_forget_acc:
+            missing.append(f"forgotten-class accuracy {now.forget_acc:.3f} > {self.max_forget_acc}")
+        if now.forget_mass > self.max_forget_mass:
+            missing.append(f"forgotten-class probability {now.forget_mass:.4f} > {self.max_forget_mass}")
+        if now.retain_samples and now.retain_acc < before.retain_acc - self.max_retain_drop:
+            missing.append(
+                f"remaining-class accuracy fell from {before.retain_acc:.3f} to {now.retain_acc:.3f} "
+                f"(more than {self.max_retain_drop})"
+            )
+        return missing
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of a forgetting fit, measured on its samples.
+
+    Attributes:
+        forgotten: whether the criterion was met at the end.
+        forget_classes: the classes.
+        before, after: the evidence at the start and at the end of the fit.
+        epochs: epochs trained.
+        shortfalls: what was not met (empty when forgotten).
+    """
+
+    forgotten: bool
+    forget_classes: list[int]
+    before: Evidence
+    after: Evidence
+    epochs: int
+    shortfalls: list[str]
+
+    def __str__(self) -> str:
+        b, a = self.before, self.after
+        figures = (
+            f"on {a.forget_samples} forgotten-class / {a.retain_samples} remaining-class samples: "
+            f"forgotten-class accuracy {b.forget_acc:.3f} -> {a.forget_acc:.3f}, probability "
+            f"{b.forget_mass:.3f} -> {a.forget_mass:.4f}; remaining-class accuracy {b.retain_acc:.3f} -> "
+            f"{a.retain_acc:.3f}; {self.epochs} epochs"
+        )
+        if self.forgotten:
+            return f"Classes {self.forget_classes} forgotten ({figures})."
+        return f"Classes {self.forget_classes} NOT forgotten: {'; '.join(self.shortfalls)} ({figures})."
+
+
+@torch.no_grad()
+def measure(
+    forward: Callable[[Any], Any],
+    batches: Iterable[Any],
+    forget_classes: Sequence[int],
+    *,
+    batch_format: BatchFormat | None = None,
+    device: torch.device | str = "cpu",
+    reduce: Callable[[Tensor], Tensor] = lambda t: t,
+) -> Evidence:
+    """Evidence of ``forward`` (a model in eval mode) on ``batches``.
+
+    Args:
+        forward: ``inputs -> output``.
+        batches: batches that ``batch_format`` reads as ``(inputs, targets)``.
+        forget_classes: the forgotten classes.
+        batch_format: where inputs, targets and logits are; ``None`` for tuple batches and a
+            logits output.
+        device: where the inputs go.
+        reduce: sums a tensor across processes; the identity in one process.
+    """
+    batch_format = batch_format or BatchFormat()
+    forgotten = torch.tensor(list(forget_classes), device=device)
+    # forget correct, forget mass, forget count, retain correct, retain count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for batch in batches:
+        inputs, targets = batch_format.split(batch)
+        targets = targets.to(device)
+        probs = batch_format.logits_of(forward(inputs.to(device))).float().softmax(-1)
+        is_forget = torch.isin(targets, forgotten)
+        correct = probs.argmax(-1) == targets
+        sums += torch.stack(
+            [
+                correct[is_forget].sum(),
+                probs[is_forget][:, forgotten].sum(),
+                is_forget.sum(),
+                correct[~is_forget].sum(),
+                (~is_forget).sum(),
+            ]
+        ).to(sums)
+    f_correct, f_mass, n_forget, r_correct, n_retain = reduce(sums).tolist()
+    return Evidence(
+        forget_acc=f_correct / max(n_forget, 1),
+        retain_acc=r_correct / max(n_retain, 1),
+        forget_mass=f_mass / max(n_forget, 1),
+        forget_samples=int(n_forget),
+        retain_samples=int(n_retain),
+    )
