@@ -4,6 +4,14 @@ from lightning_forget.callback import ClassForgetting
 from lightning_forget.classes import check_forget_classes, remaining_classes
 from lightning_forget.data import ClassificationData, dataset_labels, few_shot_subset
 from lightning_forget.evaluation import SubsetAccuracy, evaluate_forgetting, membership_inference
+from lightning_forget.evidence import (
+    ProbeSettings,
+    RelearnSettings,
+    anamnesis_index,
+    linear_probe,
+    relearn,
+    weight_distance,
+)
 from lightning_forget.masks import StepGate, top_fraction_masks
 from lightning_forget.models import build_model
 from lightning_forget.module import ClassifierModule, ForgettingModule
@@ -16,15 +24,21 @@ __all__ = [
     "ClassifierModule",
     "ForgettingModule",
     "ForgettingObjective",
+    "ProbeSettings",
+    "RelearnSettings",
     "StepGate",
     "SubsetAccuracy",
+    "anamnesis_index",
     "build_model",
     "check_forget_classes",
     "dataset_labels",
     "evaluate_forgetting",
     "few_shot_subset",
+    "linear_probe",
     "membership_inference",
+    "relearn",
     "relevance_scores",
     "remaining_classes",
     "top_fraction_masks",
+    "weight_distance",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 
 from lightning_forget.classes import check_forget_classes
 from lightning_forget.data import dataset_labels
+
+if TYPE_CHECKING:
+    from lightning_forget.evidence import ProbeSettings, RelearnSettings
 
 _IGNORE = -100
 
@@ -84,8 +87,15 @@ def evaluate_forgetting(
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    original: nn.Module | None = None,
+    probe: ProbeSettings | None = None,
+    relearn: RelearnSettings | None = None,
+    exclude_indices: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Forget/retain accuracy, forget-train accuracy, MIA and per-class accuracy of ``model``.
+
+    Optionally also the integrity evidence of :mod:`lightning_forget.evidence`: whether the
+    forgotten classes left the features or are only hidden by the output layer.
 
     Args:
         model: classifier returning logits.
@@ -98,18 +108,35 @@ def evaluate_forgetting(
         seed: seed of that draw.
         batch_size: evaluation batch size.
         device: where to run the model.
+        original: the model before forgetting; adds ``distance_l2`` and ``changed_fraction``
+            (see :func:`~lightning_forget.evidence.weight_distance`) and gives the relearn target.
+        probe: adds ``probe_forget_acc`` and ``probe_retain_acc`` (see
+            :func:`~lightning_forget.evidence.linear_probe`); ``None`` skips the probe.
+        relearn: adds ``relearn_acc_1``, ``relearn_acc_<epochs>``, ``relearn_steps``,
+            ``relearn_budget`` and ``relearn_target`` (see :func:`~lightning_forget.evidence.relearn`);
+            ``None`` skips relearning.
+        exclude_indices: indices of ``train`` that the probe and relearn sets never use: the
+            few-shot samples the forgetting saw.
 
     Returns:
         ``forget_acc``, ``retain_acc``, ``forget_train_acc``, ``mia`` (fractions in [0, 1]) and
-        ``per_class_acc`` (a list, one accuracy per class).
+        ``per_class_acc`` (a list, one accuracy per class), then the evidence figures asked for.
+
+    Raises:
+        ValueError: for invalid classes, ``max_members < 1``, evidence settings of the wrong
+            type, or ``relearn`` without a target nor ``original``.
     """
+    # evidence builds on this module (predict_logits, SubsetAccuracy), hence the import here.
+    from lightning_forget.evidence import check_evidence_settings, integrity_evidence
+
     forgotten = torch.tensor(check_forget_classes(forget_classes, num_classes))
+    if max_members is not None and max_members < 1:
+        raise ValueError(f"max_members must be >= 1 or None, got {max_members}.")
+    check_evidence_settings(probe, relearn, original)
     test_logits, test_targets = predict_logits(model, test, batch_size, device, desc="Evaluating on test")
     train_targets = dataset_labels(train)
     is_forget_train = torch.isin(train_targets, forgotten)
     retain_idx = (~is_forget_train).nonzero().squeeze(1)
-    if max_members is not None and max_members < 1:
-        raise ValueError(f"max_members must be >= 1 or None, got {max_members}.")
     n_members = min(len(retain_idx), len(test) if max_members is None else max_members)
     generator = torch.Generator().manual_seed(seed)
     members = retain_idx[torch.randperm(len(retain_idx), generator=generator)[:n_members]]
@@ -124,13 +151,27 @@ def evaluate_forgetting(
         float((preds[test_targets == c] == c).float().mean()) if (test_targets == c).any() else float("nan")
         for c in range(num_classes)
     ]
-    return {
+    figures = {
         "forget_acc": _subset_accuracy(test_logits, test_targets, num_classes, forgotten.tolist()),
         "retain_acc": _subset_accuracy(test_logits, test_targets, num_classes, kept),
         "forget_train_acc": _subset_accuracy(forget_logits, forget_targets, num_classes, forgotten.tolist()),
         "mia": membership_inference(member_logits, test_logits, forget_logits),
         "per_class_acc": per_class,
     }
+    evidence = integrity_evidence(
+        model,
+        train,
+        test,
+        forgotten.tolist(),
+        num_classes,
+        original=original,
+        probe=probe,
+        relearn_settings=relearn,
+        exclude_indices=exclude_indices,
+        batch_size=batch_size,
+        device=device,
+    )
+    return {**figures, **evidence}
 
 
 def _subset_accuracy(logits: Tensor, targets: Tensor, num_classes: int, classes: list[int]) -> float:
