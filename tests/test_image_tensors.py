@@ -266,6 +266,8 @@ def test_out_of_range_indices_raise_index_error(folder):
         dataset.__getitems__([0, 12])
     with pytest.raises(IndexError):
         dataset[12]
+    assert torch.equal(dataset.with_augment(False)[-1][0], dataset.with_augment(False)[11][0])
+    assert dataset[-12][1] == dataset.targets[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
