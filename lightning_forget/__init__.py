@@ -17,17 +17,21 @@ from lightning_forget.models import build_model
 from lightning_forget.module import ClassifierModule, ForgettingModule
 from lightning_forget.objective import ForgettingObjective
 from lightning_forget.relevance import relevance_scores
+from lightning_forget.verdict import Evidence, ForgetCriterion, Verdict
 
 __all__ = [
     "ClassForgetting",
     "ClassificationData",
     "ClassifierModule",
+    "Evidence",
+    "ForgetCriterion",
     "ForgettingModule",
     "ForgettingObjective",
     "ProbeSettings",
     "RelearnSettings",
     "StepGate",
     "SubsetAccuracy",
+    "Verdict",
     "anamnesis_index",
     "build_model",
     "check_forget_classes",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -60,6 +60,8 @@ class ClassForgetting(Callback):
         stop_when_forgotten: stop the fit once ``criterion`` is met.
         scoring_data: batches to score and check on; ``None`` uses every sample of the fit's
             training dataloader (in order, none dropped).
+        masks: parameter name to a bool tensor (``True`` where the entry may change) to use
+            instead of scoring; ``fraction`` and ``score`` are then not used.
         per_tensor: select ``fraction`` of every tensor instead of globally.
         freeze_bn_stats: keep BatchNorm layers in eval mode while training, so a few samples
             do not overwrite their running statistics.
@@ -82,6 +84,7 @@ class ClassForgetting(Callback):
         criterion: ForgetCriterion = DEFAULT_CRITERION,
         stop_when_forgotten: bool = True,
         scoring_data: Iterable[Any] | None = None,
+        masks: Mapping[str, Tensor] | None = None,
         per_tensor: bool = False,
         freeze_bn_stats: bool = True,
         inputs_targets: BatchFn | None = None,
@@ -111,7 +114,8 @@ class ClassForgetting(Callback):
         self.batch_format = BatchFormat(inputs_targets, logits)
         self.seed = seed
         self.verdict: Verdict | None = None
-        self._masks: dict[str, Tensor] = {}
+        self._given = {n: m.bool() for n, m in masks.items()} if masks is not None else None
+        self._masks: dict[str, Tensor] = dict(self._given or {})
         self._restored = False
         self._scored_for: weakref.ref | None = None
         self._teacher: dict[str, Tensor] = {}
@@ -155,7 +159,7 @@ class ClassForgetting(Callback):
         self._samples = self._samples_of(trainer)
         forward = _forward_of(trainer, pl_module)
         same_module = self._scored_for is not None and self._scored_for() is pl_module
-        if self._masks and (self._restored or same_module):
+        if self._masks and (self._restored or same_module or self._given is not None):
             check_masks_fit(self._masks, params)
             if self._restored and self._teacher:
                 self._teacher = _rebuild(pl_module, self._masks, self._teacher)

@@ -48,3 +48,20 @@ def remaining_classes(forget_classes: Sequence[int], num_classes: int) -> list[i
     """The classes that are kept: ``range(num_classes)`` less ``forget_classes``."""
     forgotten = set(check_forget_classes(forget_classes, num_classes))
     return [c for c in range(num_classes) if c not in forgotten]
+
+
+def resolve_classes(classes: Sequence[int | str], class_names: Sequence[str]) -> list[int]:
+    """Class ids from ids or names (``"cat"``), validated against ``class_names``.
+
+    Raises:
+        ValueError: for an unknown name, or any problem :func:`check_forget_classes` finds.
+    """
+    ids: list[int | str] = []
+    for c in classes:
+        if isinstance(c, str) and not c.lstrip("-").isdigit():
+            if c not in class_names:
+                raise ValueError(f"No class named {c!r}: the classes are {list(class_names)}.")
+            ids.append(list(class_names).index(c))
+        else:
+            ids.append(int(c) if isinstance(c, str) else c)
+    return check_forget_classes(ids, len(class_names))

@@ -80,10 +80,8 @@ def relevance_scores(
         return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
 
     power = 2 if score == "fisher_ratio" else 1
-    forward = forward or module
-    batch_format = batch_format or BatchFormat()
-    forget_sum, retain_sum, counts = _gradient_moments(
-        params, batches, forget_classes, power, batch_format, forward, module, progress
+    forget_sum, retain_sum, counts = gradient_moments(
+        module, params, batches, forget_classes, power, batch_format=batch_format, forward=forward, progress=progress
     )
     flat = reduce(torch.cat([counts] + [t.flatten() for t in forget_sum + retain_sum]))
     counts, (forget_total, retain_total) = flat[:2], flat[2:].chunk(2)
@@ -109,17 +107,25 @@ def relevance_scores(
     return {n: r.view_as(p) for (n, p), r in zip(params.items(), relevance.split([p.numel() for p in params.values()]))}
 
 
-def _gradient_moments(
+def gradient_moments(
+    module: nn.Module,
     params: dict[str, nn.Parameter],
     batches: Iterable[Any],
     forget_classes: Sequence[int],
     power: int,
-    batch_format: BatchFormat,
-    forward: Callable[[Any], Any],
-    module: nn.Module,
-    progress: bool,
+    *,
+    batch_format: BatchFormat | None = None,
+    forward: Callable[[Any], Any] | None = None,
+    progress: bool = False,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Sums of ``|g|**power`` per entry over forgotten-class and remaining-class samples, and both counts."""
+    """Per-sample cross-entropy gradients of ``params``, with ``module`` in eval mode.
+
+    Returns:
+        Sums of ``|g|**power`` per entry over the forgotten-class samples and over the
+        remaining-class samples, and the two sample counts.
+    """
+    forward = forward or module
+    batch_format = batch_format or BatchFormat()
     tensors = list(params.values())
     device = tensors[0].device
     forget_sum = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]

@@ -1,50 +1,84 @@
-"""The side-by-side report of a forgetting run: JSON, Markdown table, per-class plot."""
+"""The side-by-side report of a forgetting run: JSON, Markdown table, per-class plot, sweep summary."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+# Report columns in order, with their format; a column shows when some row has it.
+COLUMNS: dict[str, str] = {
+    "forget_acc": ".4f",
+    "retain_acc": ".4f",
+    "forget_train_acc": ".4f",
+    "mia": ".4f",
+    "probe_forget_acc": ".4f",
+    "probe_retain_acc": ".4f",
+    "relearn_acc_1": ".4f",
+    "relearn_steps": "d",
+    "anamnesis_index": ".2f",
+    "distance_l2": ".4f",
+    "changed_fraction": ".4f",
+    "seconds": ".1f",
+    "samples": "d",
+}
 
-COLUMNS: tuple[str, ...] = ("forget_acc", "retain_acc", "forget_train_acc", "mia", "seconds", "changed_fraction")
+
+def columns(models: Iterable[dict[str, Any]]) -> list[str]:
+    """The columns some row of ``models`` has, in report order."""
+    rows = list(models)
+    return [c for c in COLUMNS if any(c in r for r in rows)]
 
 
-def changed_fraction(model: nn.Module, original: nn.Module) -> float:
-    """Fraction of parameter entries of ``model`` that differ from ``original``."""
-    changed = total = 0
-    for (name, p), (_, q) in zip(model.named_parameters(), original.named_parameters(), strict=True):
-        if p.shape != q.shape:
-            raise ValueError(f"{name} has shape {tuple(p.shape)} here and {tuple(q.shape)} in the original.")
-        changed += int((p.detach().cpu() != q.detach().cpu()).sum())
-        total += p.numel()
-    return changed / total
-
-
-def build_report(method: str, forget_classes: Sequence[int], models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The report: method, forgotten classes, per-model figures and, with ``retrain``, the speed-up."""
-    report: dict[str, Any] = {"method": method, "forget_classes": list(forget_classes), "models": models}
-    if "retrain" in models and method in models and method != "retrain":
-        report["speedup_vs_retrain"] = models["retrain"]["seconds"] / max(models[method]["seconds"], 1e-9)
-    return report
+def cell(value: Any, column: str) -> str:
+    """A figure as the table shows it; '-' where a row has none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, str):
+        return value
+    return format(int(value) if COLUMNS[column] == "d" else value, COLUMNS[column])
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The models side by side, one row each."""
-    lines = [
-        "| model | " + " | ".join(COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
-    ]
-    for name, figures in report["models"].items():
-        cells = [f"{figures[c]:.1f}" if c == "seconds" else f"{figures[c]:.4f}" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    """The models side by side, one row each, then the speed-up and the verdict."""
+    models = report["models"]
+    cols = columns(models.values())
+    lines = ["| model | data | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for name, figures in models.items():
+        cells = [cell(figures.get(c), c) for c in cols]
+        lines.append(f"| {name} | {figures.get('data', 'all')} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n\n" + describe_run(report)
     if "speedup_vs_retrain" in report:
-        text += f"\n\n{report['method']} took 1/{report['speedup_vs_retrain']:.1f} of the time of retraining."
-    return text + f"\n\nForgotten classes: {report['forget_classes']}.\n"
+        text += f"\n{report['method']} took 1/{report['speedup_vs_retrain']:.1f} of the time of retraining."
+    return text + "\n" + verdict_line(report) + "\n"
+
+
+def describe_run(report: dict[str, Any]) -> str:
+    """One line: what was forgotten, from what, with which settings."""
+    classes = _class_labels(report)
+    setting = report.get("setting", {})
+    described = ", ".join(f"{k} {v}" for k, v in setting.items())
+    return f"Forgotten classes: {classes}." + (f" {described}." if described else "")
+
+
+def verdict_line(report: dict[str, Any]) -> str:
+    """'Forgotten: yes/no', the checks and what they were compared with."""
+    v = report["verdict"]
+    checks = "; ".join(
+        f"{name} {c['value']:.4f} {'<=' if name == 'forget_acc' else '>='} {c['limit']:.4f}"
+        f" {'ok' if c['passed'] else 'FAILED'}"
+        for name, c in v["checks"].items()
+    )
+    return f"Forgotten: {'yes' if v['forgotten'] else 'NO'} ({report['method']} against {v['against']}: {checks})."
+
+
+def _class_labels(report: dict[str, Any]) -> str:
+    names = report.get("class_names")
+    return ", ".join(f"{c} ({names[c]})" if names else str(c) for c in report["forget_classes"])
 
 
 def plot_per_class(report: dict[str, Any], class_names: Sequence[str], path: str | Path) -> None:
@@ -56,17 +90,18 @@ def plot_per_class(report: dict[str, Any], class_names: Sequence[str], path: str
 
     models = report["models"]
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(class_names) * len(models) / 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(class_names) * max(2, len(models))), 4.2))
     for c in report["forget_classes"]:
         ax.axvspan(c - 0.45, c + 0.45, color="0.9", zorder=0)
     for i, (name, figures) in enumerate(models.items()):
         positions = [c - 0.4 + width * (i + 0.5) for c in range(len(class_names))]
         ax.bar(positions, figures["per_class_acc"], width, label=name, zorder=2)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45 if len(class_names) > 10 else 0, ha="right")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Per-class accuracy; shaded: forgotten classes {report['forget_classes']}")
-    ax.legend(loc="lower right", fontsize="small")
+    forgotten = ", ".join(class_names[c] for c in report["forget_classes"])
+    ax.set_title(f"Per-class test accuracy; shaded: forgotten ({forgotten})")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -86,3 +121,37 @@ def write_report(report: dict[str, Any], out_dir: str | Path, class_names: Seque
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / "report.json")
     return out / "report.json"
+
+
+def sweep_summary(reports: Sequence[dict[str, Any]], keys: Sequence[str] = ()) -> str:
+    """One table across runs: every (setting, model) row with mean ± std of each figure over the runs.
+
+    Args:
+        reports: the runs' ``report.json`` contents.
+        keys: ``report["setting"]`` keys that tell settings apart (e.g. ``forget_classes``,
+            ``shots``); runs that differ only in other keys (seeds) are averaged.
+    """
+    groups: dict[tuple[str, ...], dict[str, list[dict[str, Any]]]] = {}
+    for report in reports:
+        setting = tuple(f"{k}={report.get('setting', {}).get(k, report.get(k))}" for k in keys)
+        for name, figures in report["models"].items():
+            groups.setdefault(setting, {}).setdefault(name, []).append(figures)
+    cols = columns(f for models in groups.values() for rows in models.values() for f in rows)
+    cols = [c for c in cols if c != "samples"]
+    head = "| setting | model | runs | " + " | ".join(cols) + " |"
+    lines = [head, "|---|---|---:|" + "---:|" * len(cols)]
+    for setting, models in groups.items():
+        for name, rows in models.items():
+            cells = [_mean_std([r.get(c) for r in rows], c) for c in cols]
+            lines.append(f"| {', '.join(setting) or 'all'} | {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[Any], column: str) -> str:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
+    if not numbers:
+        return "-"
+    fmt = ".1f" if COLUMNS[column] == "d" else COLUMNS[column]
+    if len(numbers) == 1:
+        return format(numbers[0], fmt)
+    return f"{statistics.mean(numbers):{fmt}} ± {statistics.stdev(numbers):{fmt}}"

@@ -1,0 +1,175 @@
+"""One comparison: the original model, every method on the same task, every model evaluated alike."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_forget.cache import ModelCache
+from lightning_forget.evidence import anamnesis_index
+from lightning_forget.methods.base import ForgettingMethod, ForgettingTask, Outcome, Recipe, TrainerFactory
+from lightning_forget.methods.base import train_classifier as _train
+
+log = logging.getLogger(__name__)
+_DDP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GLOBAL_RANK")
+
+# The verdict: forgotten-class accuracy at most the retrained model's + FORGET_MARGIN, remaining-class
+# accuracy at least the retrained model's - RETAIN_MARGIN (absolute thresholds when there is no retrain row).
+FORGET_MARGIN, RETAIN_MARGIN = 0.05, 0.03
+
+
+@dataclass
+class Comparison:
+    """Every model of a comparison and how it was obtained.
+
+    Attributes:
+        outcomes: method name to its outcome, the method under test first.
+        figures: ``original`` and every method name to its evaluation figures.
+        report: the JSON-ready report (see :func:`build_report`).
+    """
+
+    outcomes: dict[str, Outcome]
+    figures: dict[str, dict[str, Any]]
+    report: dict[str, Any]
+
+
+def obtain_original(
+    make_model: Callable[[], nn.Module],
+    task_data: Any,
+    num_classes: int,
+    recipe: Recipe,
+    make_trainer: TrainerFactory,
+    cache: ModelCache | None = None,
+    key: Mapping[str, Any] | None = None,
+    prefix: str = "original",
+) -> tuple[nn.Module, float]:
+    """A model trained on every class with ``recipe``: from ``cache`` under ``key``, else trained now and cached."""
+    model = make_model()
+    if cache is not None and key is not None:
+        seconds = cache.load(key, model, prefix)
+        if seconds is not None:
+            return model, seconds
+    log.info("Training the original model on all classes")
+    seconds = _train(model, task_data, num_classes, recipe, make_trainer)
+    if cache is not None and key is not None:
+        cache.save(key, model, seconds, prefix)
+    return model, seconds
+
+
+def compare(
+    task: ForgettingTask,
+    methods: Mapping[str, ForgettingMethod],
+    trainers: Callable[[str], TrainerFactory],
+    evaluate: Callable[[nn.Module], dict[str, Any]],
+    *,
+    seed: int,
+    original_seconds: float,
+    cache: ModelCache | None = None,
+    cache_key: Mapping[str, Any] | None = None,
+) -> Comparison | None:
+    """Run every method on ``task`` and evaluate the original and every produced model alike.
+
+    The first method is the one under test; ``trainers(name)`` gives the Trainer factory of
+    each method's fits. When the first method's fit ran in several processes (DDP), only rank
+    zero goes on (it leaves the process group; the other ranks get ``None``). Retraining rows
+    are cached like the original when ``cache`` and ``cache_key`` are given.
+
+    Args:
+        task: the model, data and classes.
+        methods: name to method, in report order; the first is the method under test.
+        trainers: method name to the factory of its Trainers.
+        evaluate: model to figures (see :func:`~lightning_forget.evaluate_forgetting`).
+        seed: every method starts from this global seed.
+        original_seconds: how long the original took to train (for the report).
+        cache: where retrained models are kept.
+        cache_key: what shapes them besides the method and the classes (data, model, recipe,
+            seed, trainer settings).
+
+    Returns:
+        The comparison, or ``None`` on a DDP rank other than zero.
+    """
+    outcomes: dict[str, Outcome] = {}
+    for index, (name, method) in enumerate(methods.items()):
+        L.seed_everything(seed, verbose=False)
+        log.info("Method %s", name)
+        outcomes[name] = _run(name, method, task, trainers(name), cache, cache_key)
+        trainer = outcomes[name].trainer
+        if index == 0 and trainer is not None and trainer.world_size > 1:
+            if trainer.global_rank != 0:
+                return None
+            _leave_distributed()
+    figures = {"original": {**evaluate(task.original), "seconds": original_seconds}}
+    for name, outcome in outcomes.items():
+        log.info("Evaluating %s", name)
+        figures[name] = {
+            **evaluate(outcome.model),
+            "seconds": outcome.seconds,
+            "samples": outcome.samples,
+            "data": outcome.data,
+        }
+        if outcome.verdict is not None:
+            figures[name]["samples_verdict"] = str(outcome.verdict)
+    if "retrain" in figures and "relearn_steps" in figures["retrain"]:
+        for row in figures.values():
+            row["anamnesis_index"] = anamnesis_index(row, figures["retrain"])
+    primary = next(iter(methods))
+    return Comparison(outcomes, figures, build_report(primary, task.forget_classes, figures))
+
+
+def _run(
+    name: str,
+    method: ForgettingMethod,
+    task: ForgettingTask,
+    make_trainer: TrainerFactory,
+    cache: ModelCache | None,
+    cache_key: Mapping[str, Any] | None,
+) -> Outcome:
+    if not (method.cacheable and cache is not None and cache_key is not None):
+        return method.run(task, make_trainer)
+    key = {**cache_key, "method": name, "data": method.data, "forget_classes": task.forget_classes}
+    model = task.make_model()
+    seconds = cache.load(key, model, prefix="retrain")
+    if seconds is not None:
+        kept = task.of_classes(task.data(method.data), forgotten=False)
+        return Outcome(model, seconds, len(kept), method.data)
+    outcome = method.run(task, make_trainer)
+    cache.save(key, outcome.model, outcome.seconds, prefix=name)
+    return outcome
+
+
+def build_report(method: str, forget_classes: list[int], models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report: the method under test, the classes, every model's figures, the speed-up and the verdict."""
+    report: dict[str, Any] = {"method": method, "forget_classes": list(forget_classes), "models": models}
+    if "retrain" in models and method != "retrain":
+        report["speedup_vs_retrain"] = models["retrain"]["seconds"] / max(models[method]["seconds"], 1e-9)
+    report["verdict"] = verdict(models[method], models.get("retrain"))
+    return report
+
+
+def verdict(figures: Mapping[str, Any], retrain: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Whether the model forgot, judged against the retrained model's test figures when there is one."""
+    forget_limit = (retrain["forget_acc"] if retrain else 0.0) + FORGET_MARGIN
+    checks = {"forget_acc": (figures["forget_acc"], forget_limit, figures["forget_acc"] <= forget_limit)}
+    if retrain:
+        retain_floor = retrain["retain_acc"] - RETAIN_MARGIN
+        checks["retain_acc"] = (figures["retain_acc"], retain_floor, figures["retain_acc"] >= retain_floor)
+    return {
+        "forgotten": all(ok for _, _, ok in checks.values()),
+        "against": "retrain" if retrain else "absolute thresholds",
+        "checks": {k: {"value": v, "limit": lim, "passed": ok} for k, (v, lim, ok) in checks.items()},
+    }
+
+
+def _leave_distributed() -> None:
+    """Back to one process after a DDP fit, so the single-device fits that follow do not join it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name in _DDP_VARIABLES:
+        os.environ.pop(name, None)
