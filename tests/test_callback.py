@@ -17,8 +17,8 @@ from lightning_forget import ClassForgetting, ForgettingModule, relevance_scores
     [
         ({"forget_classes": []}, "empty"),
         ({"forget_classes": [1, 1]}, "more than once"),
-        ({"forget_classes": [1], "fraction": 0.0}, r"fraction must be in \(0, 1\]"),
-        ({"forget_classes": [1], "fraction": 1.5}, r"fraction must be in \(0, 1\]"),
+        ({"forget_classes": [1], "fraction": 0.0}, r"fraction must be a number in \(0, 1\]"),
+        ({"forget_classes": [1], "fraction": 1.5}, r"fraction must be a number in \(0, 1\]"),
         ({"forget_classes": [1], "score": "magic"}, "Unknown relevance score"),
     ],
 )
@@ -123,10 +123,10 @@ def test_resume_restores_masks_without_rescoring_and_matches_an_uninterrupted_fi
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_checkpointed_masks_for_other_classes_are_refused():
-    callback = ClassForgetting([1])
-    with pytest.raises(ValueError, match="same forget_classes"):
-        callback.load_state_dict({"masks": {}, "forget_classes": [2]})
+def test_checkpointed_masks_made_with_other_settings_are_refused_naming_both():
+    saved = ClassForgetting([2], fraction=0.1).state_dict()
+    with pytest.raises(ValueError, match=r"forget_classes: checkpoint \[2\], callback \[1\].*fraction: checkpoint 0.1"):
+        ClassForgetting([1]).load_state_dict(saved)
 
 
 @pytest.mark.parametrize(
