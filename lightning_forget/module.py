@@ -16,14 +16,16 @@ from lightning_forget.evaluation import SubsetAccuracy
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 Optimizer = Literal["sgd", "adam", "adamw"]
+SCHEDULERS: tuple[str | None, ...] = (None, "cosine", "onecycle")
+Scheduler = Literal["cosine", "onecycle"]
 
 
 def check_optimizer_settings(optimizer: str, lr: float, weight_decay: float, scheduler: str | None) -> None:
     """Raise ``ValueError`` for an unknown optimizer or scheduler, ``lr <= 0`` or ``weight_decay < 0``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
-    if scheduler not in (None, "cosine"):
-        raise ValueError(f"Unknown scheduler {scheduler!r}: use None or 'cosine'.")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {scheduler!r}: use one of {SCHEDULERS}.")
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}.")
 
@@ -41,7 +43,9 @@ class ClassifierModule(pl.LightningModule):
         optimizer: ``sgd`` (with momentum 0.9, nesterov), ``adam`` or ``adamw``.
         lr: learning rate.
         weight_decay: weight decay.
-        scheduler: ``None`` or ``cosine`` (annealed over ``trainer.max_epochs``).
+        scheduler: ``None``, ``cosine`` (annealed over ``trainer.max_epochs``) or ``onecycle``
+            (``torch.optim.lr_scheduler.OneCycleLR`` with its defaults and ``lr`` as the peak,
+            stepped every batch over the fit's estimated steps).
 
     Raises:
         ValueError: for an unknown optimizer or scheduler, ``lr <= 0``, ``weight_decay < 0``,
@@ -56,7 +60,7 @@ class ClassifierModule(pl.LightningModule):
         optimizer: Optimizer = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        scheduler: Literal["cosine"] | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_settings(optimizer, lr, weight_decay, scheduler)
@@ -115,8 +119,13 @@ class ClassifierModule(pl.LightningModule):
             optimizer = cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler is None:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        # Warm-up then annealing within one fit (Smith & Topin 2018): the short schedules of fast CIFAR recipes.
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class ForgettingModule(ClassifierModule):
@@ -146,7 +155,7 @@ class ForgettingModule(ClassifierModule):
         optimizer: Optimizer = "adam",
         lr: float = 3e-3,
         weight_decay: float = 0.0,
-        scheduler: Literal["cosine"] | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         forget_classes = check_forget_classes(forget_classes, num_classes)
         super().__init__(model, num_classes, forget_classes, optimizer, lr, weight_decay, scheduler)

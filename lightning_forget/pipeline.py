@@ -135,7 +135,7 @@ def _run(
         return method.run(task, make_trainer)
     key = {**cache_key, "method": name, "data": method.data, "forget_classes": task.forget_classes}
     model = task.make_model()
-    seconds = cache.load(key, model, prefix="retrain")
+    seconds = cache.load(key, model, prefix=name)
     if seconds is not None:
         kept = task.of_classes(task.data(method.data), forgotten=False)
         return Outcome(model, seconds, len(kept), method.data)

@@ -24,6 +24,7 @@ COLUMNS: dict[str, str] = {
     "distance_l2": ".4f",
     "changed_fraction": ".4f",
     "seconds": ".1f",
+    "speedup": ".1f",
     "samples": "d",
 }
 
@@ -124,7 +125,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, class_names: Seque
 
 
 def sweep_summary(reports: Sequence[dict[str, Any]], keys: Sequence[str] = ()) -> str:
-    """One table across runs: every (setting, model) row with mean ± std of each figure over the runs.
+    """One table across runs: every (setting, model) row with its data regime and mean ± std of each figure.
 
     Args:
         reports: the runs' ``report.json`` contents.
@@ -137,21 +138,20 @@ def sweep_summary(reports: Sequence[dict[str, Any]], keys: Sequence[str] = ()) -
         for name, figures in report["models"].items():
             groups.setdefault(setting, {}).setdefault(name, []).append(figures)
     cols = columns(f for models in groups.values() for rows in models.values() for f in rows)
-    cols = [c for c in cols if c != "samples"]
-    head = "| setting | model | runs | " + " | ".join(cols) + " |"
-    lines = [head, "|---|---|---:|" + "---:|" * len(cols)]
+    head = "| setting | model | data | runs | " + " | ".join(cols) + " |"
+    lines = [head, "|---|---|---|---:|" + "---:|" * len(cols)]
     for setting, models in groups.items():
         for name, rows in models.items():
-            cells = [_mean_std([r.get(c) for r in rows], c) for c in cols]
-            lines.append(f"| {', '.join(setting) or 'all'} | {name} | {len(rows)} | " + " | ".join(cells) + " |")
+            data = "/".join(dict.fromkeys(str(r.get("data", "all")) for r in rows))
+            cells = [", ".join(setting) or "all", name, data, str(len(rows))]
+            cells += [_mean_std([r.get(c) for r in rows], c) for c in cols]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _mean_std(values: list[Any], column: str) -> str:
     numbers = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
-    if not numbers:
-        return "-"
+    if len(set(numbers)) <= 1:  # one run, or the same figure in every run (e.g. samples seen)
+        return cell(numbers[0] if numbers else None, column)
     fmt = ".1f" if COLUMNS[column] == "d" else COLUMNS[column]
-    if len(numbers) == 1:
-        return format(numbers[0], fmt)
     return f"{statistics.mean(numbers):{fmt}} ± {statistics.stdev(numbers):{fmt}}"

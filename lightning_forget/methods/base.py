@@ -33,7 +33,7 @@ class Recipe:
         optimizer: ``sgd`` (momentum 0.9, Nesterov), ``adam`` or ``adamw``.
         lr: learning rate.
         weight_decay: weight decay.
-        scheduler: ``None`` or ``cosine``.
+        scheduler: ``None``, ``cosine`` (per epoch) or ``onecycle`` (per step, ``lr`` as the peak).
 
     Raises:
         ValueError: for epochs or batch_size < 1, or invalid optimizer settings.
