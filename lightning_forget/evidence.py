@@ -382,18 +382,19 @@ def relearn(
 def anamnesis_index(unlearned: Mapping[str, Any], retrained: Mapping[str, Any]) -> float | None:
     """Relearn steps of the unlearned model over those of the retrained one.
 
-    About 1 means the forgotten classes come back as slowly as if never learnt; well below 1
-    means they were hidden, not removed. Both results must come from :func:`relearn` with the
-    same target and recipe.
+    About 1 or more means the forgotten classes come back as slowly as if never learnt; well
+    below 1 means they were hidden, not removed. Both results must come from :func:`relearn`
+    with the same target and recipe.
 
     Args:
         unlearned: :func:`relearn`'s result (or any mapping with its keys) for the unlearned model.
         retrained: the same for a model retrained without the forgotten classes.
 
     Returns:
-        The ratio. When the unlearned model never reached the target, its budget stands for its
-        steps, so the ratio is a lower bound. ``None`` when the ratio is undefined: the retrained
-        model never reached the target (raise the budget), or was there before any step.
+        The ratio. A model that never reached the target counts its budget as its steps, so the
+        ratio is then a bound: a lower one when the unlearned model never got there, an upper
+        one when the retrained model did not. ``None`` when it says nothing: neither got there
+        (raise the budget), or the retrained model was there before any step.
 
     Raises:
         ValueError: if a result lacks ``relearn_steps`` or ``relearn_budget``, or the targets differ.
@@ -406,11 +407,14 @@ def anamnesis_index(unlearned: Mapping[str, Any], retrained: Mapping[str, Any]) 
             f"The results relearned to different targets ({unlearned.get('relearn_target')} and "
             f"{retrained.get('relearn_target')}): use the same target."
         )
-    reference = retrained["relearn_steps"]
-    if not reference:  # None (never relearned) or 0 (never forgotten)
+    steps, reference = unlearned["relearn_steps"], retrained["relearn_steps"]
+    if (steps is None and reference is None) or reference == 0:
         return None
-    steps = unlearned["relearn_steps"]
-    return (unlearned["relearn_budget"] if steps is None else steps) / reference
+    if steps is None:
+        steps = unlearned["relearn_budget"]
+    if reference is None:
+        reference = retrained["relearn_budget"]
+    return steps / reference
 
 
 def weight_distance(model: nn.Module, original: nn.Module) -> dict[str, float]:
@@ -459,6 +463,7 @@ def integrity_evidence(
     exclude_indices: Sequence[int] = (),
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """The probe, relearn and weight-distance figures of ``model``, as :func:`evaluate_forgetting` adds them.
 
@@ -476,6 +481,7 @@ def integrity_evidence(
         exclude_indices: indices of ``train`` never drawn (the few-shot samples).
         batch_size: evaluation batch size.
         device: where to run the models.
+        progress: show the relearn progress bar.
 
     Raises:
         ValueError: for settings of the wrong type, or a relearn without target nor ``original``.
@@ -527,6 +533,7 @@ def integrity_evidence(
                 max_eval=s.max_eval,
                 seed=s.seed,
                 device=device,
+                progress=progress,
             )
         )
     return figures

@@ -264,8 +264,10 @@ def test_anamnesis_index_handles_targets_never_reached():
         return {"relearn_steps": steps, "relearn_budget": budget, "relearn_target": target}
 
     assert anamnesis_index(result(4), result(20)) == 0.2
-    assert anamnesis_index(result(None), result(20)) == 3.0  # lower bound: the whole budget
-    assert anamnesis_index(result(4), result(None)) is None  # the retrained model never relearned
+    assert anamnesis_index(result(0), result(20)) == 0.0  # never forgotten
+    assert anamnesis_index(result(None), result(20)) == 3.0  # a lower bound: the whole budget
+    assert anamnesis_index(result(6), result(None)) == 0.1  # an upper bound: the retrained one never relearned
+    assert anamnesis_index(result(None), result(None)) is None  # neither relearned: no information
     assert anamnesis_index(result(4), result(0)) is None  # the retrained model knew the class already
     with pytest.raises(ValueError, match="different targets"):
         anamnesis_index(result(4, target=0.3), result(20))
