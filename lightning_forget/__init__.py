@@ -12,7 +12,7 @@ from lightning_forget.evidence import (
     relearn,
     weight_distance,
 )
-from lightning_forget.masks import StepGate, top_fraction_masks
+from lightning_forget.masks import GuaranteeReport, ParameterChange, StepGate, top_fraction_masks, verify
 from lightning_forget.models import build_model
 from lightning_forget.module import ClassifierModule, ForgettingModule
 from lightning_forget.objective import ForgettingObjective
@@ -27,6 +27,8 @@ __all__ = [
     "ForgetCriterion",
     "ForgettingModule",
     "ForgettingObjective",
+    "GuaranteeReport",
+    "ParameterChange",
     "ProbeSettings",
     "RelearnSettings",
     "StepGate",
@@ -44,5 +46,6 @@ __all__ = [
     "relevance_scores",
     "remaining_classes",
     "top_fraction_masks",
+    "verify",
     "weight_distance",
 ]

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 BatchFn = Callable[[Any], tuple[Tensor, Tensor]]
@@ -72,17 +73,29 @@ class BatchFormat:
         return found
 
 
-def check_targets(targets: Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` unless ``targets`` are integer class ids in ``[0, num_classes)``, one per sample."""
+def check_targets(targets: Tensor, num_classes: int | None = None) -> None:
+    """Raise unless ``targets`` are integer class ids, one per sample, in ``[0, num_classes)``.
+
+    Args:
+        targets: the class targets of a batch.
+        num_classes: the number of logits; ``None`` checks only the kind of targets.
+
+    Raises:
+        TypeError: for targets that are not a tensor.
+        ValueError: for float, one-hot or multi-dimensional targets, and for ids outside ``[0, num_classes)``.
+    """
     if not isinstance(targets, Tensor):
-        raise TypeError(f"Class targets must be a tensor of integer class ids, got {type(targets).__name__}.")
-    if targets.is_floating_point() or targets.dim() != 1:
+        raise TypeError(
+            f"Class targets must be a tensor of integer class ids, got {type(targets).__name__}: pass "
+            "inputs_targets= a function that returns (inputs, targets) from your batch."
+        )
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool or targets.dim() != 1:
         raise ValueError(
             f"Class targets must be a 1-D tensor of integer class ids, got dtype {targets.dtype} and shape "
-            f"{tuple(targets.shape)} (one-hot or soft targets?): convert them with targets.argmax(-1) in "
-            "inputs_targets."
+            f"{tuple(targets.shape)}: convert them in inputs_targets, with targets.argmax(-1) for one-hot or soft "
+            "targets, targets.long() for class ids stored as floats."
         )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+    if num_classes is not None and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         bad = targets[(targets < 0) | (targets >= num_classes)].unique()[:5].tolist()
         raise ValueError(
             f"Class targets {bad} are outside [0, {num_classes}) (an ignore label such as -100?): forgetting "

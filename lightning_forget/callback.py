@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -18,14 +18,28 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_forget.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
 from lightning_forget.classes import check_forget_classes
-from lightning_forget.masks import StepGate, check_masks_fit, mask_summary, top_fraction_masks
+from lightning_forget.masks import (
+    GuaranteeReport,
+    ParameterChange,
+    StepGate,
+    check_masks_fit,
+    mask_summary,
+    top_fraction_masks,
+    verify,
+)
 from lightning_forget.objective import ForgettingObjective
 from lightning_forget.relevance import SCORES, Score, eval_mode, relevance_scores
 from lightning_forget.verdict import Evidence, ForgetCriterion, Verdict, measure
+
+try:  # Lightning >= 2.5
+    from lightning.pytorch.callbacks import WeightAveraging
+except ImportError:  # pragma: no cover
+    WeightAveraging = None
 
 DEFAULT_FRACTION = 0.2
 DEFAULT_OBJECTIVE = ForgettingObjective()
@@ -39,7 +53,14 @@ class ClassForgetting(Callback):
     parameter is scored for its relevance to the forgotten classes on the fit's samples (see
     :func:`~lightning_forget.relevance.relevance_scores`) and the top ``fraction`` is selected.
     From then on every other entry stays bit-identical, whatever the optimizer, precision,
-    accumulation, clipping or DDP do.
+    accumulation, clipping or DDP do: after every optimizer step they are put back. Whatever else
+    writes to them (an ``optimizer_step`` override, a hook, a callback) is found at the end of every
+    epoch, before every checkpoint and at the end of the fit, put back, and named in a warning (and
+    in :attr:`restorations`); :meth:`verify` proves the guarantee on the model afterwards.
+    Parameters frozen at fit start have no selected entry: they stay bit-identical even if a
+    callback such as ``BackboneFinetuning`` unfreezes them later. The averaged weights of
+    ``WeightAveraging``/``EMAWeightAveraging`` are kept the same way; ``StochasticWeightAveraging``
+    is refused.
 
     The forgetting itself comes from ``objective``: for this fit the module's ``training_step``
     is replaced by the forgetting objective against a frozen snapshot of the model taken at fit
@@ -124,11 +145,41 @@ class ClassForgetting(Callback):
         self._gate: StepGate | None = None
         self._frozen_bn: list[_BatchNorm] = []
         self._installed = False
+        self._kept: dict[str, Tensor] = {}
+        self._averages: list[AveragedModel] = []
+        self._restorations: list[tuple[str, ParameterChange]] = []
+        self._warned: set[tuple[str, str]] = set()
 
     @property
     def masks(self) -> dict[str, Tensor]:
         """Parameter name to a bool tensor, ``True`` where the entry may change; empty before scoring."""
         return self._masks
+
+    @property
+    def restorations(self) -> list[tuple[str, ParameterChange]]:
+        """``(where, change)`` for every change outside the masks found and undone during the last fit."""
+        return self._restorations
+
+    def verify(self, module: torch.nn.Module | None = None) -> GuaranteeReport:
+        """Check, bit for bit, that every entry outside the masks has the value kept when the last fit started.
+
+        Args:
+            module: the fitted LightningModule (names as in :attr:`masks`); ``None`` for the last one fitted.
+
+        Returns:
+            A :class:`~lightning_forget.masks.GuaranteeReport`; ``report.ok`` says whether the guarantee holds.
+
+        Raises:
+            RuntimeError: before any fit, or when the last fitted module is gone and none is given.
+            ValueError: if the masks do not fit ``module``.
+        """
+        if self._scored_for is None:
+            raise RuntimeError("ClassForgetting.verify needs a fit first: nothing was kept yet.")
+        if module is None:
+            module = self._scored_for()
+            if module is None:
+                raise RuntimeError("The module of the last fit is gone: pass it, verify(module).")
+        return verify(module, self._masks, self._kept)
 
     @property
     def selection_summary(self) -> list[dict[str, int | float | str]]:
@@ -152,21 +203,49 @@ class ClassForgetting(Callback):
                 "ClassForgetting cannot put its forgetting objective into a module with manual optimization: pass "
                 "objective=None and compute a forgetting loss in your training_step."
             )
+        if stage == "fit":
+            self._check_callbacks(trainer)
+
+    def _check_callbacks(self, trainer: pl.Trainer) -> None:
+        """Refuse the callbacks that would change entries outside the masks; say what happens with the others."""
+        for callback in trainer.callbacks:
+            name = type(callback).__name__
+            if isinstance(callback, StochasticWeightAveraging):
+                raise MisconfigurationException(
+                    f"ClassForgetting does not support {name}: it copies averaged weights into the model outside "
+                    "the optimizer and, for models with BatchNorm, adds an epoch that recomputes the BatchNorm "
+                    "statistics from the forgetting samples. Use lightning.pytorch.callbacks.WeightAveraging() (the "
+                    "same equal-weight average) or EMAWeightAveraging: ClassForgetting keeps their averaged weights "
+                    "inside the masks."
+                )
+            if isinstance(callback, ModelPruning):
+                raise MisconfigurationException(
+                    f"ClassForgetting does not support {name}: it zeroes weights outside the masks and renames "
+                    "the pruned parameters. Prune before or after forgetting, in another fit."
+                )
+            if isinstance(callback, BaseFinetuning):
+                rank_zero_warn(
+                    f"ClassForgetting with {name}: the parameters it freezes before the fit starts are not scored, "
+                    "so they have no selected entry and stay bit-identical even after it unfreezes them. To let "
+                    f"their most relevant entries change, leave them trainable (remove {name}): ClassForgetting "
+                    "already limits training to the selected entries."
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        params = dict(pl_module.named_parameters())
         _check_finite(pl_module)
         self._samples = self._samples_of(trainer)
         forward = _forward_of(trainer, pl_module)
         same_module = self._scored_for is not None and self._scored_for() is pl_module
         if self._masks and (self._restored or same_module or self._given is not None):
+            self._masks = _with_frozen(self._masks, params)
             check_masks_fit(self._masks, params)
             if self._restored and self._teacher:
                 self._teacher = _rebuild(pl_module, self._masks, self._teacher)
         else:
             if self._masks:
                 rank_zero_info("ClassForgetting: a new module; scoring it instead of reusing the last fit's masks.")
-            self._masks = self._score(trainer, pl_module, forward)
+            self._masks = _with_frozen(self._score(trainer, pl_module, forward), params)
             self._teacher = {}
         self._scored_for = weakref.ref(pl_module)
         self._check_same_on_all_ranks(trainer)
@@ -177,13 +256,26 @@ class ClassForgetting(Callback):
         if self._before is None or not (self._restored or same_module):
             self._before = self._measure(trainer, pl_module, forward)
         self._restored = False
-        self._gate = StepGate(params, self._masks)
+        # Every parameter is guarded, trainable or not: a callback may unfreeze it later, a hook may write to it.
+        self._gate = StepGate(params, self._masks, kept=self._teacher)
         self._gate.attach(trainer.optimizers)
+        self._kept = self._gate.kept
+        self._restorations, self._warned = [], set()
+        self._gate_averages(trainer)
         self._frozen_bn = [m for m in pl_module.modules() if isinstance(m, _BatchNorm)] if self.freeze_bn_stats else []
         rank_zero_info(self._describe_selection())
 
     def _samples_of(self, trainer: pl.Trainer) -> Iterable[Any]:
         """Every sample of this process's share of the training data, in order: none dropped, none repeated."""
+        loaders = trainer.train_dataloader
+        several = isinstance(loaders, (Mapping, Sequence)) and not isinstance(loaders, DataLoader)
+        if several and self.objective is not None and self.batch_format.inputs_targets is None:
+            raise MisconfigurationException(
+                f"ClassForgetting trains on one training dataloader, got {len(loaders)} in a "
+                f"{type(loaders).__name__}: put their datasets into one dataloader (torch.utils.data.ConcatDataset), "
+                "or pass inputs_targets= a function that returns (inputs, targets) from the combined batch and "
+                "scoring_data= the batches to score on."
+            )
         if self.scoring_data is not None:
             return self.scoring_data
         loader = trainer.train_dataloader
@@ -280,6 +372,7 @@ class ClassForgetting(Callback):
             self._gate.mask_gradients()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enforce(pl_module, _AFTER_STEP)
         now = self._measure(trainer, pl_module, _forward_of(trainer, pl_module))
         pl_module.log_dict(
             {
@@ -312,16 +405,86 @@ class ClassForgetting(Callback):
             )
             rank_zero_warn(f"ClassForgetting: {self.verdict} To forget them: {advice}.")
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The checkpoint's state_dict shares storage with the parameters: putting them back fixes it too.
+        self._enforce(pl_module, _BEFORE_CHECKPOINT)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Teardown runs after every callback's on_train_end and on_fit_end: the last place to catch a write.
+        self._enforce(pl_module, _AT_END)
         self._release(pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release(pl_module)
+        try:
+            self._enforce(pl_module, _ON_EXCEPTION)
+        except Exception as error:  # the fit's own exception is the one to see
+            rank_zero_warn(f"ClassForgetting could not check the weights after the exception: {error!r}")
+        finally:
+            self._release(pl_module)
+
+    def _gate_averages(self, trainer: pl.Trainer) -> None:
+        """Keep the averaged weights of weight-averaging callbacks inside the masks after every update."""
+        assert self._gate is not None
+        for callback in trainer.callbacks:
+            if WeightAveraging is None or not isinstance(callback, WeightAveraging):
+                continue
+            average = getattr(callback, "_average_model", None)
+            if not isinstance(average, AveragedModel):
+                rank_zero_warn(
+                    f"ClassForgetting cannot reach the averaged weights of {type(callback).__name__}: changes they "
+                    "bring outside the masks are undone when the fit ends."
+                )
+                continue
+            try:
+                gate = StepGate(dict(average.module.named_parameters()), self._masks, kept=self._gate.kept)
+            except ValueError as error:
+                rank_zero_warn(
+                    f"ClassForgetting cannot keep the averaged weights of {type(callback).__name__} ({error}); "
+                    "changes they bring outside the masks are undone when the fit ends."
+                )
+                continue
+            update = average.update_parameters
+
+            def gated_update(model: torch.nn.Module, _update: Callable = update, _gate: StepGate = gate) -> None:
+                _update(model)
+                _gate.restore()
+
+            # An instance attribute over the method, removed when the fit ends.
+            average.update_parameters = gated_update
+            self._averages.append(average)
+
+    def _enforce(self, pl_module: pl.LightningModule, where: str) -> None:
+        """Put back every entry outside the masks that changed, and say which parameters and where."""
+        if self._gate is None:
+            return
+        params = dict(pl_module.named_parameters())
+        gone = [n for n in self._kept if n not in params and (where, n) not in self._warned]
+        if gone:
+            self._warned.update((where, n) for n in gone)
+            rank_zero_warn(
+                f"ClassForgetting: parameters {gone[:5]} are no longer in the module {where}: something replaced, "
+                "renamed or removed them, and their entries cannot be checked."
+            )
+        changes = self._gate.enforce(params)
+        self._restorations += [(where, c) for c in changes]
+        new = [c for c in changes if (where, c.name) not in self._warned]
+        self._warned.update((where, c.name) for c in new)
+        if new:
+            listed = "; ".join(str(c) for c in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            rank_zero_warn(
+                f"ClassForgetting: entries outside the mask changed {where}. Put them back: {listed}. They would "
+                "break the guarantee that only the selected entries change; stop writing to these weights."
+            )
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         if self._gate is not None:
             self._gate.detach()
             self._gate = None
+        for average in self._averages:
+            del average.update_parameters
+        self._averages = []
         if self._installed:
             del pl_module.training_step
             self._installed = False
@@ -362,6 +525,32 @@ class ClassForgetting(Callback):
         self._teacher = dict(state_dict.get("teacher", {}))
         self._before = Evidence(**state_dict["before"]) if "before" in state_dict else None
         self._restored = True
+
+
+# Where a change outside the masks was found, and what can make one there.
+_AFTER_STEP = (
+    "after an optimizer step (an optimizer_step override, a hook or a callback wrote to them outside "
+    "optimizer.step(), e.g. a weight constraint)"
+)
+_BEFORE_CHECKPOINT = (
+    "after an optimizer step, before a checkpoint was saved (an optimizer_step override, a hook or a callback "
+    "wrote to them outside optimizer.step(), e.g. a weight constraint)"
+)
+_AT_END = (
+    "at the end of training (a callback's or the module's on_train_end or on_fit_end wrote to them, e.g. by "
+    "copying averaged weights)"
+)
+_ON_EXCEPTION = "before the fit stopped on an exception"
+
+
+def _with_frozen(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``masks`` and an all-False mask for every parameter without one that was not trainable when scored."""
+    added = {
+        n: torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        for n, p in params.items()
+        if n not in masks and not p.requires_grad
+    }
+    return {**masks, **added}
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:

@@ -135,6 +135,7 @@ def gradient_moments(
     with eval_mode(module), torch.enable_grad():
         for batch in tqdm(batches, desc="Relevance scoring", disable=not progress, leave=False):
             inputs, targets = batch_format.split(batch)
+            check_targets(targets)
             inputs, targets = inputs.to(device), targets.to(device)
             for x, y in zip(inputs, targets):
                 logits = batch_format.logits_of(forward(x.unsqueeze(0)))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_forget.batches import BatchFormat
+from lightning_forget.batches import BatchFormat, check_targets
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ def measure(
         inputs, targets = batch_format.split(batch)
         targets = targets.to(device)
         probs = batch_format.logits_of(forward(inputs.to(device))).float().softmax(-1)
+        check_targets(targets, probs.shape[-1])
         is_forget = torch.isin(targets, forgotten)
         correct = probs.argmax(-1) == targets
         sums += torch.stack(

@@ -68,6 +68,8 @@ def test_unmasked_entries_are_bit_identical_after_fit(optimizer, accumulate, cli
     )
     assert set(callback.masks) == {n for n, _ in module.named_parameters()}
     assert_only_masked_entries_changed(module, before, callback.masks)
+    assert callback.verify(module).ok
+    assert not callback.restorations, "the step gate alone must keep the entries: nothing left for the end check"
 
 
 def test_tensors_without_masked_entries_are_skipped_by_the_optimizer():
@@ -111,3 +113,41 @@ def test_hooks_are_removed_after_fit_so_a_second_fit_works():
     untouched = copy.deepcopy(module.state_dict())
     quiet_trainer(max_epochs=1).fit(module, tiny_loader())
     assert any(not torch.equal(p.detach(), untouched[n]) for n, p in module.named_parameters())
+
+
+class DataWriter(torch.optim.Optimizer):
+    """Decays every parameter through ``p.data``, with or without a gradient (``_version`` never changes)."""
+
+    def __init__(self, params, lr=0.05):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.mul_(0.9)
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+        return loss
+
+
+def test_an_optimizer_writing_through_data_is_gated_at_every_step():
+    torch.manual_seed(0)
+    module = UserClassifier(DataWriter)
+    callback = ClassForgetting([1], fraction=0.02, stop_when_forgotten=False)
+    before, _ = fit_gated(module, callback)
+    assert any(not m.any() for m in callback.masks.values()), "keep a tensor without selected entries"
+    assert_only_masked_entries_changed(module, before, callback.masks)
+    assert not callback.restorations, "restored only at the end, not after every step"
+
+
+def test_parameters_frozen_by_the_user_stay_bit_identical_even_in_the_optimizer():
+    torch.manual_seed(0)
+    module = UserClassifier(DataWriter)
+    module.net[0].requires_grad_(False)
+    callback = ClassForgetting([1], fraction=0.05, stop_when_forgotten=False)
+    before, _ = fit_gated(module, callback)
+    assert not callback.masks["net.0.weight"].any() and not callback.masks["net.0.bias"].any()
+    assert_only_masked_entries_changed(module, before, callback.masks)
+    assert not callback.restorations
