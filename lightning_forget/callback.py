@@ -152,7 +152,10 @@ class ClassForgetting(Callback):
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Parameter name to a bool tensor, ``True`` where the entry may change; empty before scoring."""
+        """Parameter name to a bool tensor, ``True`` where the entry may change; empty before scoring.
+
+        Every parameter has one; those frozen when the fit started are all ``False``.
+        """
         return self._masks
 
     @property

@@ -235,7 +235,7 @@ def verify(
         A :class:`GuaranteeReport`; its ``ok`` says whether the guarantee holds.
 
     Raises:
-        ValueError: if ``masks`` do not fit ``module``, or ``kept`` lacks a value or has another shape.
+        ValueError: if ``masks`` do not fit ``module``, or ``kept`` lacks a value or has another shape or dtype.
     """
     if isinstance(module, nn.Module):
         params: Mapping[str, Tensor] = dict(module.named_parameters())
@@ -253,6 +253,13 @@ def verify(
     wrong = [n for n in needed if kept_values[n].shape != params[n].shape]
     if wrong:
         raise ValueError(f"Kept values of {wrong[:5]} have other shapes than the parameters: another model?")
+    cast = [n for n in needed if kept_values[n].dtype != params[n].dtype]
+    if cast:
+        name = cast[0]
+        raise ValueError(
+            f"Kept values of {cast[:5]} are {kept_values[name].dtype}, the parameters {params[name].dtype}: bits "
+            "can only be compared in one dtype; convert the kept values as the fit did (e.g. .to(torch.bfloat16))."
+        )
     changes = _changes({n: params[n] for n in needed}, needed, kept_values)
     return GuaranteeReport(
         parameters=len(masks), entries=sum(int((~m).sum()) for m in needed.values()), changes=tuple(changes)

@@ -24,6 +24,12 @@ if __name__ == "__main__":
     )
     trainer.fit(module, tiny_loader(n_per_class=8))
     torch.save(
-        {"masks": callback.masks, "original": original, "final": net.state_dict()},
+        {
+            "masks": callback.masks,
+            "original": original,
+            "final": net.state_dict(),
+            "verified": callback.verify(module).ok,
+            "restorations": len(callback.restorations),
+        },
         f"{out}/rank{trainer.global_rank}.pt",
     )

@@ -25,6 +25,7 @@ def test_ddp_ranks_hold_identical_masks_and_keep_unmasked_entries(tmp_path):
         assert torch.equal(mask, rank1["masks"][name]), f"masks differ between ranks for {name}"
     changed = 0
     for rank in (rank0, rank1):
+        assert rank["verified"] and rank["restorations"] == 0, "the step gate alone must keep the entries"
         for name, mask in rank["masks"].items():
             final, original = rank["final"][name.removeprefix("model.")], rank["original"][name.removeprefix("model.")]
             assert torch.equal(final[~mask], original[~mask]), f"{name} changed outside its mask"

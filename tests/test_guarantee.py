@@ -229,6 +229,10 @@ def test_verify_reports_every_changed_entry_outside_the_mask_bit_for_bit():
     (change,) = report.changes
     assert (change.name, change.changed, change.outside, change.max_abs_diff) == ("w", 2, 4, 0.5)
     assert "'w' (2 of 4 entries" in str(report)
+    with pytest.raises(ValueError, match=r"are torch\.float64, the parameters torch\.float32"):
+        verify(same, masks, {"w": kept["w"].double()})
+    with pytest.raises(ValueError, match=r"No kept values for \['w'\]"):
+        verify(same, masks, {})
 
 
 def test_callback_verify_after_fit_and_its_errors():
