@@ -264,7 +264,7 @@ class ClassForgetting(Callback):
         self._gate.attach(trainer.optimizers)
         self._kept = self._gate.kept
         self._restorations, self._warned = [], set()
-        self._gate_averages(trainer)
+        self._gate_averages(trainer, pl_module)
         self._frozen_bn = [m for m in pl_module.modules() if isinstance(m, _BatchNorm)] if self.freeze_bn_stats else []
         rank_zero_info(self._describe_selection())
 
@@ -281,7 +281,7 @@ class ClassForgetting(Callback):
             )
         if self.scoring_data is not None:
             return self.scoring_data
-        loader = trainer.train_dataloader
+        loader = loaders
         if loader is None:
             raise MisconfigurationException("ClassForgetting found no data to score: pass scoring_data.")
         if not isinstance(loader, DataLoader):
@@ -427,9 +427,15 @@ class ClassForgetting(Callback):
         finally:
             self._release(pl_module)
 
-    def _gate_averages(self, trainer: pl.Trainer) -> None:
+    def _gate_averages(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the averaged weights of weight-averaging callbacks inside the masks after every update."""
         assert self._gate is not None
+        frozen_stats = {
+            f"{module_name}.{name}": buffer
+            for module_name, module in pl_module.named_modules()
+            if self.freeze_bn_stats and isinstance(module, _BatchNorm)
+            for name, buffer in module.named_buffers(recurse=False)
+        }
         for callback in trainer.callbacks:
             if WeightAveraging is None or not isinstance(callback, WeightAveraging):
                 continue
@@ -449,10 +455,20 @@ class ClassForgetting(Callback):
                 )
                 continue
             update = average.update_parameters
+            # Averaging frozen BatchNorm statistics still moves them by rounding: keep the model's (they do not change).
+            averaged = dict(average.module.named_buffers())
+            stats = [
+                (averaged[n], b) for n, b in frozen_stats.items() if n in averaged and averaged[n].shape == b.shape
+            ]
 
-            def gated_update(model: torch.nn.Module, _update: Callable = update, _gate: StepGate = gate) -> None:
+            def gated_update(
+                model: torch.nn.Module, _update: Callable = update, _gate: StepGate = gate, _stats: list = stats
+            ) -> None:
                 _update(model)
                 _gate.restore()
+                with torch.no_grad():
+                    for average_buffer, model_buffer in _stats:
+                        average_buffer.copy_(model_buffer)
 
             # An instance attribute over the method, removed when the fit ends.
             average.update_parameters = gated_update

@@ -102,7 +102,9 @@ def test_weight_averaging_keeps_the_averaged_weights_inside_the_masks(averaging,
     with torch.no_grad():
         # Averaging turns -0.0 into 0.0: only a bitwise gate keeps these.
         module.net[5].weight[:, :8] = -0.0
+        module.net[1].running_mean.uniform_(-1, 1)
     before = params_of(module)
+    statistics = {n: b.clone() for n, b in module.named_buffers()}
     averager = averaging()
     callback = forgetting()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
@@ -112,6 +114,7 @@ def test_weight_averaging_keeps_the_averaged_weights_inside_the_masks(averaging,
     assert_only_masked_entries_changed(module, before, callback.masks)
     assert callback.verify(module).ok
     assert not callback.restorations, "the averaged weights left the masks and had to be put back at the end"
+    assert all(torch.equal(b, statistics[n]) for n, b in module.named_buffers()), "frozen BatchNorm statistics moved"
     # The checkpoint holds the averaged weights: they keep the guarantee too.
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert verify(saved, callback.masks, before).ok
