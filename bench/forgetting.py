@@ -1,319 +1,367 @@
-"""Benchmark: forgetting vs retraining side by side on real CIFAR-10 images, plus ablations.
+"""Benchmark: every forgetting method side by side with retraining, on real CIFAR-10 images.
 
-    python bench/forgetting.py --root ~/.cache/cifar10-jpg --out bench/results/cpu_1000
+    python bench/forgetting.py --out bench/results/cpu_1000                      # the CPU protocol
+    python bench/forgetting.py --methods relevance retrain relevance:fraction=0.05 --seeds 0   # an ablation
 
-Trains one original model per seed, then for every forget setting, shot count and seed
-produces each row (relevance, finetune, relevance with random scores, retrain_few, retrain)
-from the same data, evaluates all of them on the same test set, and writes mean +- std over
-seeds to ``<out>/results.md`` and every measured figure to ``<out>/results.json``. The
-ablations (fraction, score, loss terms, BatchNorm) and the gating overhead run at one setting.
+For every seed the original model is trained once (or loaded from the model cache); then, for every
+forget setting and shot count, one :class:`~lightning_forget.methods.ForgettingTask` goes to
+:func:`lightning_forget.pipeline.compare` with the methods of ``--methods``. Those are the app's
+``conf/method/<name>.yaml`` (composed and instantiated as ``python run.py method=<name>`` does, so both
+use the same settings); ``NAME:KEY=VALUE[:KEY=VALUE...]`` changes settings of one row, e.g.
+``relevance:fraction=0.05`` or ``relevance:recipe.lr=0.01``. The first method is the one under test.
+Every row is evaluated alike (forget, retain and forget-train accuracy, MIA, linear probe, relearn,
+distance to the original). ``<out>/results.md`` holds the mean ± std over seeds of every (setting, method)
+with its data regime, samples seen, seconds and speed-up against retraining with the original's recipe
+in the same run; ``<out>/results.json`` holds every comparison's report. Both are rewritten after each
+comparison, so a run cut short keeps what it finished.
+
+The CPU protocol (the defaults): the small ``cnn`` on 1000 training images per class, the full test set,
+seeds 0 1 2, forgetting automobile (1), then airplane and ship (0,8), at 10 shots. Those classes were
+chosen because CIFAR-10 classifiers recognise them better than most (ResNet-18 reaches about 95-97% on
+each), so forgetting them is a large drop; the original row shows what this original knew of them.
+``bench/gpu.sh`` runs the paper-scale setting (ResNet-18 on all 50,000 images).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
+import logging
+import os
 import platform
-import statistics
+import shlex
+import sys
 import time
-from datetime import date
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
 
-from lightning_forget import ClassForgetting, ForgettingModule, build_model, evaluate_forgetting, few_shot_subset
-from lightning_forget.callback import DEFAULT_FRACTION
-from lightning_forget.data import image_folder
-from lightning_forget.methods import Recipe, run_method, train_classifier
-from lightning_forget.report import changed_fraction
+from lightning_forget import ProbeSettings, RelearnSettings, dataset_labels, evaluate_forgetting, few_shot_subset
+from lightning_forget.cache import ModelCache
+from lightning_forget.classes import resolve_classes
+from lightning_forget.data import ClassificationData
+from lightning_forget.methods import ForgettingMethod, ForgettingTask, Recipe
+from lightning_forget.models import ARCHITECTURES, build_model
+from lightning_forget.module import OPTIMIZERS, SCHEDULERS
+from lightning_forget.pipeline import compare, obtain_original
+from lightning_forget.report import sweep_summary, verdict_line
 
-FIGURES = ("forget_acc", "retain_acc", "forget_train_acc", "mia", "seconds", "speedup", "changed_fraction")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+DEFAULT_METHODS = [
+    "relevance",
+    "retrain",
+    "retrain_few",
+    "finetune",
+    "head_only",
+    "delete",
+    "ssd",
+    "ssd_full",
+    "salun",
+    "salun_full",
+    "gradient_ascent",
+    "random_label",
+]
+log = logging.getLogger("bench")
 
 
-def make_trainer(**kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        accelerator="auto",
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="~/.cache/cifar10-jpg", help="folder with train/ and test/ (ImageFolder)")
+    parser.add_argument("--out", default="bench/results/cpu_1000", help="where results.md and results.json go")
+    parser.add_argument("--arch", default="cnn", choices=ARCHITECTURES)
+    parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (0: all)")
+    parser.add_argument("--test-per-class", type=int, default=0, help="class-balanced test subset (0: all)")
+    recipe = parser.add_argument_group("recipe of the original and of retraining")
+    recipe.add_argument("--epochs", type=int, default=20)
+    recipe.add_argument("--batch-size", type=int, default=128)
+    recipe.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    recipe.add_argument("--lr", type=float, default=1e-3, help="learning rate (the peak with onecycle)")
+    recipe.add_argument("--weight-decay", type=float, default=0.0)
+    recipe.add_argument("--scheduler", default="none", choices=["none", *filter(None, SCHEDULERS)])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shots", type=int, nargs="+", default=[10], help="samples per class the methods get")
+    parser.add_argument(
+        "--forget", nargs="+", default=["1", "0,8"], help="forget settings: comma-separated class ids or names"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help=f"NAME or NAME:KEY=VALUE[:KEY=VALUE...], NAME one of {METHODS}; the first is the method under test",
+    )
+    evidence = parser.add_argument_group("integrity evidence")
+    evidence.add_argument("--probe-per-class", type=int, default=50, help="linear-probe images per class (0: off)")
+    evidence.add_argument("--relearn-per-class", type=int, default=20, help="relearn images per class (0: off)")
+    evidence.add_argument("--relearn-epochs", type=int, default=5)
+    evidence.add_argument("--eval-batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="data, training, eval")
+    parser.add_argument("--precision", default="32-true", help="Lightning Trainer precision, e.g. bf16-mixed")
+    parser.add_argument("--channels-last", action="store_true", help="models in channels_last memory format")
+    parser.add_argument("--cache-dir", default="~/.cache/lightning-forget/models", help="trained models kept here")
+    parser.add_argument(
+        "--budget-minutes", type=float, help="start no further seed when the slowest seed so far would overrun this"
+    )
+    args = parser.parse_args(argv)
+    if len(set(args.methods)) != len(args.methods):
+        parser.error(f"--methods lists a method twice: {args.methods}")
+    unknown = [spec for spec in args.methods if spec.split(":")[0] not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}: choose among {METHODS}")
+    args.scheduler = None if args.scheduler == "none" else args.scheduler
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def composed(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``conf/<name>.yaml`` as the app composes it (``name`` is e.g. ``method/ssd``), with ``overrides``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def load_methods(specs: Sequence[str]) -> tuple[dict[str, ForgettingMethod], dict[str, Any]]:
+    """The method of every spec (``NAME`` or ``NAME:KEY=VALUE...``) and its settings, keyed by the spec."""
+    methods, settings = {}, {}
+    for spec in specs:
+        name, *overrides = spec.split(":")
+        cfg = composed(f"method/{name}", [f"method.{o}" for o in overrides]).method
+        methods[spec] = instantiate(cfg)
+        settings[spec] = OmegaConf.to_container(cfg, resolve=True)
+    return methods, settings
+
+
+def load_data(args: argparse.Namespace) -> ClassificationData:
+    """The app's CIFAR-10 image folder, decoded once into memory on ``args.device``."""
+    cfg = composed("dataset/cifar10_jpg").dataset
+    return instantiate(
+        cfg,
+        root=os.path.expanduser(args.root),
+        train_per_class=args.train_per_class or None,
+        in_memory=True,
+        device=args.device,
+    )
+
+
+def model_factory(arch: str, num_classes: int, in_channels: int, channels_last: bool) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        model = build_model(arch, num_classes, in_channels)
+        # NHWC convolutions suit tensor cores; copies, caching and evaluation keep the format.
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    return make
+
+
+def trainer_factory(args: argparse.Namespace) -> Callable[..., L.Trainer]:
+    return partial(
+        L.Trainer,
+        accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
+        precision=args.precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        **kwargs,
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="~/.cache/cifar10-jpg", help="folder with train/ and test/ (ImageFolder)")
-    parser.add_argument("--out", default="bench/results/cpu_1000")
-    parser.add_argument("--arch", default="cnn")
-    parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (0: all)")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of the original and retrain models")
-    parser.add_argument("--train-lr", type=float, default=1e-3)
-    parser.add_argument("--train-optimizer", default="adam")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 50])
-    parser.add_argument("--forget", nargs="+", default=["1", "0,8"], help="forget settings, comma-separated ids")
-    parser.add_argument("--forget-lr", type=float, default=3e-3, help="learning rate of the forgetting fits")
-    parser.add_argument("--fraction", type=float, default=DEFAULT_FRACTION, help="ClassForgetting fraction")
-    parser.add_argument("--skip-ablations", action="store_true")
-    args = parser.parse_args()
+def evaluator(
+    args: argparse.Namespace, data: ClassificationData, test: Dataset, task: ForgettingTask, seed: int
+) -> Callable[[nn.Module], dict[str, Any]]:
+    """Every row's evaluation: test figures, MIA, and the probe and relearn evidence unless turned off."""
+    probe = ProbeSettings(per_class=args.probe_per_class, seed=seed) if args.probe_per_class else None
+    relearn = None
+    if args.relearn_per_class:
+        relearn = RelearnSettings(per_class=args.relearn_per_class, epochs=args.relearn_epochs, seed=seed)
+    return partial(
+        evaluate_forgetting,
+        train=data.train_eval,
+        test=test,
+        forget_classes=task.forget_classes,
+        num_classes=data.num_classes,
+        seed=seed,
+        batch_size=args.eval_batch_size,
+        device=args.device,
+        original=task.original,
+        probe=probe,
+        relearn=relearn,
+        exclude_indices=task.few_shot.indices,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    _quiet()
+    started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    data = image_folder(args.root, train_per_class=args.train_per_class or None, in_memory=True)
-    make_model = partial(build_model, args.arch, data.num_classes, data.in_channels)
-    train_recipe = Recipe(epochs=args.epochs, batch_size=128, optimizer=args.train_optimizer, lr=args.train_lr)
-    forget_recipe = Recipe(epochs=20, batch_size=32, lr=args.forget_lr)
-    evaluate = partial(evaluate_forgetting, train=data.train_eval, test=data.test, num_classes=data.num_classes)
-    rows: list[dict[str, Any]] = []
-    started = time.perf_counter()
-
-    for seed in args.seeds:
-        L.seed_everything(seed, verbose=False)
-        original = make_model()
-        orig_seconds = train_classifier(original, data.train, data.num_classes, train_recipe, make_trainer).seconds
-        for spec in args.forget:
-            forget = [int(c) for c in spec.split(",")]
-            ev = partial(evaluate, forget_classes=forget, seed=seed)
-            base = {"seed": seed, "forget": spec}
-            rows.append(
-                {
-                    **base,
-                    "shots": None,
-                    "row": "original",
-                    **ev(original),
-                    "seconds": orig_seconds,
-                    "changed_fraction": 0.0,
-                }
-            )
-            common = dict(
-                original=original,
-                make_model=make_model,
-                train_data=data.train,
-                forget_classes=forget,
-                num_classes=data.num_classes,
-                forget_recipe=forget_recipe,
-                train_recipe=train_recipe,
-                make_trainer=make_trainer,
-            )
-            L.seed_everything(seed, verbose=False)
-            retrain = run_method("retrain", few_shot=data.train, **common)
-            rows.append(
-                {
-                    **base,
-                    "shots": None,
-                    "row": "retrain",
-                    **ev(retrain.model),
-                    "seconds": retrain.seconds,
-                    "changed_fraction": 1.0,
-                }
-            )
-            for shots in args.shots:
-                few = few_shot_subset(data.train, shots, seed=seed)
-                variants = {
-                    "relevance": ("relevance", {"fraction": args.fraction}),
-                    "finetune": ("finetune", {}),
-                    "relevance_random": ("relevance", {"fraction": args.fraction, "score": "random", "seed": seed}),
-                    "retrain_few": ("retrain_few", {}),
-                }
-                for row, (method, relevance) in variants.items():
-                    L.seed_everything(seed, verbose=False)
-                    outcome = run_method(method, few_shot=few, relevance=relevance, **common)
-                    figures = ev(outcome.model)
-                    rows.append(
-                        {
-                            **base,
-                            "shots": shots,
-                            "row": row,
-                            **figures,
-                            "seconds": outcome.seconds,
-                            "changed_fraction": changed_fraction(outcome.model, original),
-                        }
-                    )
-                    print(
-                        f"seed {seed} forget {spec} shots {shots} {row}: "
-                        f"forget {figures['forget_acc']:.3f} retain {figures['retain_acc']:.3f} "
-                        f"mia {figures['mia']:.3f} {outcome.seconds:.1f}s",
-                        flush=True,
-                    )
-        if seed == args.seeds[0] and not args.skip_ablations:
-            first = [int(c) for c in args.forget[0].split(",")]
-            ablations = run_ablations(original, data, forget_recipe, first, seed, evaluate)
-    for r in rows:
-        retrain_seconds = next(
-            x["seconds"]
-            for x in rows
-            if x["row"] == "retrain" and x["seed"] == r["seed"] and x["forget"] == r["forget"]
-        )
-        r["speedup"] = retrain_seconds / r["seconds"] if r["seconds"] else float("nan")
-
+    methods, settings = load_methods(args.methods)
+    data = load_data(args)
+    test = few_shot_subset(data.test, args.test_per_class) if args.test_per_class else data.test
+    forget_settings = [resolve_classes(spec.split(","), data.class_names) for spec in args.forget]
+    make_model = model_factory(args.arch, data.num_classes, data.in_channels, args.channels_last)
+    make_trainer = trainer_factory(args)
+    recipe = Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+    )
+    cache = ModelCache(args.cache_dir)
     meta = {
-        "command": "python bench/forgetting.py " + " ".join(f"{k}={v}" for k, v in vars(args).items()),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"),
-        "date": date.today().isoformat(),
-        "wall_seconds": time.perf_counter() - started,
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": _machine(),
+        "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "train_images": len(data.train),
-        "test_images": len(data.test),
+        "test_images": len(test),
+        "recipe": asdict(recipe),
+        "methods": settings,
+        "seeds_asked": args.seeds,
     }
-    overhead = gating_overhead(make_model, data, seed=args.seeds[0])
-    result = {"meta": meta, "rows": rows, "overhead": overhead}
-    if not args.skip_ablations:
-        result["ablations"] = ablations
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(render(result))
-    print(render(result))
-
-
-def run_ablations(original, data, recipe, forget, seed, evaluate) -> dict[str, list[dict[str, Any]]]:
-    """One knob at a time around the defaults, 10 shots, first forget setting, one seed."""
-    few = few_shot_subset(data.train, 10, seed=seed)
-    ev = partial(evaluate, forget_classes=forget, seed=seed)
-
-    def run(
-        relevance: dict[str, Any] | None = None, objective: dict[str, Any] | None = None, recipe: Recipe = recipe
-    ) -> dict[str, Any]:
+    reports: list[dict[str, Any]] = []
+    slowest = 0.0
+    for seed in args.seeds:
+        elapsed = time.perf_counter() - started
+        if args.budget_minutes is not None and reports and elapsed + slowest > 60 * args.budget_minutes:
+            log.info("Stopping before seed %d: %.0f s spent, a seed takes up to %.0f s.", seed, elapsed, slowest)
+            break
+        seed_start = time.perf_counter()
+        key = {
+            "dataset": {"root": os.path.expanduser(args.root), "train_per_class": args.train_per_class},
+            "model": args.arch,
+            "train": asdict(recipe),
+            "seed": seed,
+            "trainer": {"device": args.device, "precision": args.precision, "channels_last": args.channels_last},
+        }
         L.seed_everything(seed, verbose=False)
-        model = copy.deepcopy(original)
-        module = ForgettingModule(model, forget, data.num_classes, **(objective or {}), **recipe.module_kwargs())
-        callback = ClassForgetting(forget, **(relevance or {}))
-        trainer = make_trainer(max_epochs=recipe.epochs, callbacks=[callback])
-        start = time.perf_counter()
-        trainer.fit(module, DataLoader(few, batch_size=recipe.batch_size, shuffle=True))
-        seconds = time.perf_counter() - start
-        return {**ev(model), "seconds": seconds}
+        original, seconds = obtain_original(
+            make_model, data.train, data.num_classes, recipe, make_trainer, cache, key, prefix=f"original-{args.arch}"
+        )
+        original.to(args.device)  # training-free methods and scoring run where the model is
+        for forget in forget_settings:
+            for shots in args.shots:
+                few_shot = few_shot_subset(data.train, shots, seed=seed)
+                task = ForgettingTask(original, make_model, data.train, few_shot, forget, data.num_classes, recipe)
+                comparison = compare(
+                    task,
+                    methods,
+                    lambda name: make_trainer,
+                    evaluator(args, data, test, task, seed),
+                    seed=seed,
+                    original_seconds=seconds,
+                    cache=cache,
+                    cache_key=key,
+                )
+                assert comparison is not None  # one process: no DDP rank is left out
+                report = comparison.report | {"class_names": data.class_names}
+                report["setting"] = {"forget": _label(forget, data.class_names), "shots": shots, "seed": seed}
+                report["original_test_acc"] = _overall_accuracy(report["models"]["original"], test)
+                _add_speedups(report["models"])
+                reports.append(report)
+                meta["wall_seconds"] = time.perf_counter() - started
+                write_results(out, meta, reports)
+                log.info("\n%s", sweep_summary([report], keys=("forget", "shots", "seed")))
+        slowest = max(slowest, time.perf_counter() - seed_start)
+    print(render(meta, reports))
 
-    results: dict[str, list[dict[str, Any]]] = {"fraction": [], "score": [], "loss": [], "batchnorm": [], "lr": []}
-    for fraction in (0.001, 0.01, 0.05, 0.1, 0.2, 1.0):
-        results["fraction"].append({"setting": fraction, **run({"fraction": fraction})})
-    for score in ("ratio", "forget_grad", "fisher_ratio", "random"):
-        results["score"].append({"setting": score, **run({"score": score})})
-    for name, objective in {
-        "all terms": {},
-        "no retain CE": {"retain_weight": 0.0},
-        "no distillation": {"distill_weight": 0.0},
-        "no forget term": {"forget_weight": 0.0},
-        "forget=uniform": {"forget_loss": "uniform"},
-        "forget=random_label": {"forget_loss": "random_label"},
-        "forget=ascent": {"forget_loss": "ascent"},
-    }.items():
-        results["loss"].append({"setting": name, **run(objective=objective)})
-    for lr in (1e-3, 3e-3, 1e-2, 3e-2):
-        recipe_at_lr = dataclasses.replace(recipe, lr=lr)
-        results["lr"].append({"setting": lr, **run(recipe=recipe_at_lr)})
-    for freeze in (True, False):
-        results["batchnorm"].append({"setting": "frozen" if freeze else "updated", **run({"freeze_bn_stats": freeze})})
-    return results
+
+def _overall_accuracy(figures: dict[str, Any], test: Dataset) -> float:
+    counts = torch.bincount(dataset_labels(test), minlength=len(figures["per_class_acc"])).double()
+    return float((torch.tensor(figures["per_class_acc"]).double().nan_to_num() * counts).sum() / counts.sum())
 
 
-def gating_overhead(make_model, data, seed: int, steps: int = 200, repeats: int = 5) -> dict[str, Any]:
-    """Seconds per optimizer step with and without the callback, interleaved in one process."""
-    few = few_shot_subset(data.train, 10, seed=seed)
-    loader = DataLoader(few, batch_size=32, shuffle=True)
-    epochs = max(1, steps // len(loader))
-    times: dict[str, list[float]] = {"plain": [], "gated": []}
-    kept_bytes = param_bytes = 0
-    for _ in range(repeats):
-        for variant in ("plain", "gated"):
-            L.seed_everything(seed, verbose=False)
-            model = make_model()
-            module = ForgettingModule(model, [3], data.num_classes)
-            callbacks = [ClassForgetting([3], score="random")] if variant == "gated" else []
-            step_timer = _StepTimer()
-            make_trainer(max_epochs=epochs, callbacks=[*callbacks, step_timer]).fit(module, loader)
-            times[variant].append(statistics.median(step_timer.durations))
-            if variant == "gated":
-                params = dict(module.named_parameters())
-                partly = [params[n] for n, m in callbacks[0].masks.items() if m.any() and not m.all()]
-                kept_bytes = sum(p.numel() * p.element_size() for p in partly)
-                param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    plain, gated = statistics.median(times["plain"]), statistics.median(times["gated"])
-    return {
-        "plain_step_s": plain,
-        "gated_step_s": gated,
-        "overhead": gated / plain - 1,
-        "kept_copy_bytes": kept_bytes,
-        "param_bytes": param_bytes,
+def _add_speedups(models: dict[str, dict[str, Any]]) -> None:
+    """Every method row's speed-up: retraining's seconds over its own (same run, same machine)."""
+    if "retrain" not in models:
+        return
+    for name, figures in models.items():
+        if name != "original":
+            figures["speedup"] = models["retrain"]["seconds"] / max(figures["seconds"], 1e-9)
+
+
+def _label(classes: list[int], names: Sequence[str]) -> str:
+    return ",".join(map(str, classes)) + f" ({', '.join(names[c] for c in classes)})"
+
+
+def write_results(out: Path, meta: dict[str, Any], reports: list[dict[str, Any]]) -> None:
+    """``results.json`` (every report) and ``results.md`` (the summary), each replaced whole."""
+    texts = {
+        "results.json": json.dumps({"meta": meta, "reports": reports}, indent=1),
+        "results.md": render(meta, reports),
     }
+    for name, text in texts.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
-class _StepTimer(L.Callback):
-    """Wall time of every training batch (forward, backward, optimizer step and gating)."""
-
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.durations.append(time.perf_counter() - self._start)
-
-
-def render(result: dict[str, Any]) -> str:
-    """Markdown tables: mean +- std over seeds per setting, ablations, overhead."""
-    meta, rows = result["meta"], result["rows"]
+def render(meta: dict[str, Any], reports: list[dict[str, Any]]) -> str:
+    """The summary: how it was run, the originals, mean ± std per (setting, method), the verdicts."""
+    seeds = list(dict.fromkeys(r["setting"]["seed"] for r in reports))
+    originals = {r["setting"]["seed"]: r for r in reports}
+    trained = "; ".join(
+        f"seed {s}: test accuracy {r['original_test_acc']:.4f}, {r['models']['original']['seconds']:.1f} s"
+        for s, r in originals.items()
+    )
+    recipe = ", ".join(f"{k} {v}" for k, v in meta["recipe"].items())
     lines = [
+        "# Forgetting benchmark",
+        "",
         f"Command: `{meta['command']}`",
-        f"Machine: {meta['machine']}; date {meta['date']}; "
-        f"{meta['train_images']} training / {meta['test_images']} test images; "
-        f"total {meta['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"Machine: {meta['machine']}. Date: {meta['date']}. {meta['train_images']} training and "
+        f"{meta['test_images']} test images. Seeds run: {seeds} of {meta['seeds_asked']}. "
+        f"Total {meta.get('wall_seconds', 0) / 60:.1f} min.",
+        "",
+        f"Original and retraining recipe: {recipe}. Originals: {trained}.",
+        "",
+        "Every row comes from the same original and data; `seconds` is the wall time of producing the model "
+        "(scoring included; for the original and retrain: training), `speedup` is retrain's seconds over the "
+        "row's, measured in the same run, `samples` the training samples the method used, `data` its regime.",
+        "",
+        sweep_summary(reports, keys=("forget", "shots")),
+        f"Verdicts of {reports[0]['method']} against retraining:" if reports else "No comparison finished.",
         "",
     ]
-    for spec in dict.fromkeys(r["forget"] for r in rows):
-        shots_values = sorted({r["shots"] for r in rows if r["shots"] is not None})
-        lines += [
-            f"### Forget classes {spec}",
-            "",
-            "| row | shots | " + " | ".join(FIGURES) + " |",
-            "|---|---:|" + "---:|" * len(FIGURES),
-        ]
-        groups = [("original", None), ("retrain", None)] + [
-            (row, s) for s in shots_values for row in ("relevance", "finetune", "relevance_random", "retrain_few")
-        ]
-        for row, shots in groups:
-            sel = [r for r in rows if r["forget"] == spec and r["row"] == row and r["shots"] == shots]
-            if sel:
-                cells = [_mean_std([r[f] for r in sel], f) for f in FIGURES]
-                lines.append(f"| {row} | {shots or 'all'} | " + " | ".join(cells) + " |")
-        lines.append("")
-    for name, table in result.get("ablations", {}).items():
-        lines += [
-            f"### Ablation: {name} (10 shots, seed {rows[0]['seed']}, forget {rows[0]['forget']})",
-            "",
-            "| setting | forget_acc | retain_acc | forget_train_acc | mia | seconds |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in table:
-            lines.append(
-                f"| {r['setting']} | {r['forget_acc']:.4f} | {r['retain_acc']:.4f} | "
-                f"{r['forget_train_acc']:.4f} | {r['mia']:.4f} | {r['seconds']:.1f} |"
-            )
-        lines.append("")
-    o = result["overhead"]
-    lines += [
-        "### Cost of gating",
-        "",
-        f"Median time per training step: {o['plain_step_s'] * 1e3:.2f} ms without the callback, "
-        f"{o['gated_step_s'] * 1e3:.2f} ms with it ({o['overhead']:+.1%}). Kept copies of partly masked "
-        f"tensors: {o['kept_copy_bytes'] / 1e6:.2f} MB for {o['param_bytes'] / 1e6:.2f} MB of parameters.",
-        "",
-    ]
-    return "\n".join(lines)
+    for r in reports:
+        lines.append(
+            f"- forget {r['setting']['forget']}, {r['setting']['shots']} shots, seed {r['setting']['seed']}: "
+            + verdict_line(r)
+        )
+    return "\n".join(lines) + "\n"
 
 
-def _mean_std(values: list[float], figure: str) -> str:
-    fmt = ".1f" if figure in ("seconds", "speedup") else ".4f"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+def _machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {device}, "
+        f"torch {torch.__version__}, lightning {L.__version__}"
+    )
+
+
+def _quiet() -> None:
+    """Progress lines of the benchmark only: every fit would repeat Lightning's device banner and data hints."""
+    # On stdout with the results, apart from the progress bars of stderr.
+    logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("bench", "lightning_forget"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
 
 
 if __name__ == "__main__":
