@@ -16,6 +16,7 @@ from torchvision import transforms as T
 from lightning_forget.image_tensors import (
     DEFAULT_CACHE_DIR,
     ImageTensorDataset,
+    check_image_folder,
     check_image_options,
     decode_image_folder,
     load_image,
@@ -194,6 +195,7 @@ def image_folder(
     in_memory: bool = False,
     device: str = "auto",
     cache_dir: str | None = DEFAULT_CACHE_DIR,
+    progress: bool = True,
 ) -> ClassificationData:
     """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (torchvision ``ImageFolder``).
 
@@ -211,11 +213,17 @@ def image_folder(
             at a time; else decode every image at every epoch with PIL.
         device: with ``in_memory``, where the images live: ``auto`` (the GPU when there is one and they fit
             in a quarter of its memory), ``cpu`` or ``cuda``.
-        cache_dir: with ``in_memory``, where decoded splits are kept; ``None`` decodes at every call.
+        cache_dir: where decoded splits (``in_memory``) or the record of checked images are kept; ``None``
+            decodes (checks) at every call.
+        progress: show a progress bar while decoding (checking) the images.
+
+    Every image is decoded once when the dataset is built (and remembered in ``cache_dir``), so a broken
+    file stops the run before any training.
 
     Raises:
         FileNotFoundError: if ``root/train`` or ``root/test`` is missing.
         ValueError: for bad sizes, channels, statistics or device, or if train and test hold different classes.
+        OSError: naming the file, for an image that cannot be decoded.
     """
     base = Path(root).expanduser()
     for part in ("train", "test"):
@@ -226,12 +234,16 @@ def image_folder(
             )
     check_image_options(image_size, channels, mean, std, device=device if in_memory else None)
     if in_memory:
-        decoded = [decode_image_folder(base / part, image_size, channels, cache_dir) for part in ("train", "test")]
+        decoded = [
+            decode_image_folder(base / part, image_size, channels, cache_dir, progress) for part in ("train", "test")
+        ]
         (train_images, train_targets, train_classes), (test_images, test_targets, classes) = decoded
         train_eval = ImageTensorDataset(train_images, train_targets, mean, std, device=device)
         train = train_eval.with_augment(augment)
         test = ImageTensorDataset(test_images, test_targets, mean, std, device=device)
     else:
+        for part in ("train", "test"):
+            check_image_folder(base / part, image_size, channels, cache_dir, progress)
         train_tf, eval_tf = _transforms(mean, std, image_size, augment)
         loader = partial(load_image, channels=channels)
         train = tv_datasets.ImageFolder(str(base / "train"), transform=train_tf, loader=loader)

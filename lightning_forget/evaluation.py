@@ -91,6 +91,7 @@ def evaluate_forgetting(
     probe: ProbeSettings | None = None,
     relearn: RelearnSettings | None = None,
     exclude_indices: Sequence[int] = (),
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Forget/retain accuracy, forget-train accuracy, MIA and per-class accuracy of ``model``.
 
@@ -117,6 +118,7 @@ def evaluate_forgetting(
             ``None`` skips relearning.
         exclude_indices: indices of ``train`` that the probe and relearn sets never use: the
             few-shot samples the forgetting saw.
+        progress: show progress bars.
 
     Returns:
         ``forget_acc``, ``retain_acc``, ``forget_train_acc``, ``mia`` (fractions in [0, 1]) and
@@ -133,7 +135,9 @@ def evaluate_forgetting(
     if max_members is not None and max_members < 1:
         raise ValueError(f"max_members must be >= 1 or None, got {max_members}.")
     check_evidence_settings(probe, relearn, original)
-    test_logits, test_targets = predict_logits(model, test, batch_size, device, desc="Evaluating on test")
+    test_logits, test_targets = predict_logits(
+        model, test, batch_size, device, desc="Evaluating on test" if progress else ""
+    )
     train_targets = dataset_labels(train)
     is_forget_train = torch.isin(train_targets, forgotten)
     retain_idx = (~is_forget_train).nonzero().squeeze(1)
@@ -143,7 +147,11 @@ def evaluate_forgetting(
     forget_idx = is_forget_train.nonzero().squeeze(1)
     member_logits, _ = predict_logits(model, Subset(train, members.tolist()), batch_size, device)
     forget_logits, forget_targets = predict_logits(
-        model, Subset(train, forget_idx.tolist()), batch_size, device, desc="Evaluating on forgotten train"
+        model,
+        Subset(train, forget_idx.tolist()),
+        batch_size,
+        device,
+        desc="Evaluating on forgotten train" if progress else "",
     )
     kept = [c for c in range(num_classes) if c not in set(forgotten.tolist())]
     preds = test_logits.argmax(-1)
@@ -170,6 +178,7 @@ def evaluate_forgetting(
         exclude_indices=exclude_indices,
         batch_size=batch_size,
         device=device,
+        progress=progress,
     )
     return {**figures, **evidence}
 

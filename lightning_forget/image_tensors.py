@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
@@ -96,6 +97,59 @@ def decode_image_folder(
     if cache is not None:
         _save_cache(cache, decoded, summary)
     return decoded
+
+
+def check_image_folder(
+    folder: str | Path,
+    image_size: int,
+    channels: int = 3,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    progress: bool = True,
+) -> None:
+    """Decode every image of ``folder/<class>/*`` once, so that a broken file is named before any training.
+
+    JPEGs are decoded at the smallest scale that still covers ``image_size`` (fast for large photos). The
+    files that passed (names, sizes, modification times) are remembered in ``cache_dir``, so a later call
+    with unchanged files only lists them.
+
+    Args:
+        folder: a folder holding one sub-folder of images per class.
+        image_size: side of the images the dataset makes.
+        channels: 3 (RGB) or 1 (grey).
+        cache_dir: where the record of checked files is kept; ``None`` checks every time.
+        progress: show a progress bar while checking.
+
+    Raises:
+        FileNotFoundError: if ``folder`` holds no class folder or a class folder holds no image.
+        OSError: naming the file, if an image cannot be decoded.
+    """
+    folder = Path(folder).expanduser().resolve()
+    _, class_to_idx = tv_folder.find_classes(str(folder))
+    samples = tv_folder.make_dataset(str(folder), class_to_idx, extensions=tv_folder.IMG_EXTENSIONS)
+    summary = _files_summary(samples)
+    record = None
+    if cache_dir is not None:
+        record = Path(cache_dir).expanduser() / _cache_name(folder, image_size, channels).replace(".pt", ".checked")
+        if record.is_file() and record.read_text() == summary:
+            return
+    mode = "L" if channels == 1 else "RGB"
+    for path, _ in tqdm(samples, desc=f"Checking {folder.name}/", disable=not progress, leave=False, unit="img"):
+        try:
+            with Image.open(path) as image:
+                image.draft(mode, (image_size, image_size))
+                image.load()
+        # PIL reports broken files with many exception types; all of them need the file's name.
+        except Exception as err:
+            raise OSError(f"Cannot decode the image {path}: {err}. Replace or delete that file.") from err
+    if record is not None:
+        temporary = record.with_name(f".{record.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(summary)
+            os.replace(temporary, record)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            log.warning("Could not record the checked images in %s (%s); checking them again next time.", record, err)
 
 
 def _files_summary(samples: Sequence[tuple[str, int]]) -> str:

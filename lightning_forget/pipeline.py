@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_forget.cache import ModelCache
+from lightning_forget.data import dataset_labels
 from lightning_forget.evidence import anamnesis_index
 from lightning_forget.methods.base import ForgettingMethod, ForgettingTask, Outcome, Recipe, TrainerFactory
 from lightning_forget.methods.base import train_classifier as _train
@@ -105,6 +108,7 @@ def compare(
             if trainer.global_rank != 0:
                 return None
             _leave_distributed()
+    log.info("Evaluating original")
     figures = {"original": {**evaluate(task.original), "seconds": original_seconds}}
     for name, outcome in outcomes.items():
         log.info("Evaluating %s", name)
@@ -134,6 +138,8 @@ def _run(
     if not (method.cacheable and cache is not None and cache_key is not None):
         return method.run(task, make_trainer)
     key = {**cache_key, "method": name, "data": method.data, "forget_classes": task.forget_classes}
+    if method.data == "few_shot":  # which samples were drawn (shots, seed) shapes the model too
+        key["few_shot"] = _indices_digest(task.few_shot)
     model = task.make_model()
     seconds = cache.load(key, model, prefix=name)
     if seconds is not None:
@@ -142,6 +148,13 @@ def _run(
     outcome = method.run(task, make_trainer)
     cache.save(key, outcome.model, outcome.seconds, prefix=name)
     return outcome
+
+
+def _indices_digest(dataset: Any) -> str:
+    """A short digest of the labels and, for a ``Subset``, the indices of ``dataset``'s samples."""
+    indices = list(getattr(dataset, "indices", range(len(dataset))))
+    labels = dataset_labels(dataset).tolist()
+    return hashlib.sha256(json.dumps([indices, labels]).encode()).hexdigest()[:16]
 
 
 def build_report(method: str, forget_classes: list[int], models: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -108,15 +108,17 @@ def plot_per_class(report: dict[str, Any], class_names: Sequence[str], path: str
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path, class_names: Sequence[str]) -> Path:
+def write_report(
+    report: dict[str, Any], out_dir: str | Path, class_names: Sequence[str], notes: Sequence[str] = ()
+) -> Path:
     """Write ``report.md``, ``per_class_accuracy.png`` and, last, ``report.json`` into ``out_dir``.
 
     ``report.json`` appears only once everything else is written, so its presence marks a
-    finished run.
+    finished run. ``notes`` are paragraphs added to ``report.md`` after the table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown_table(report))
+    (out / "report.md").write_text(markdown_table(report) + "".join(f"\n{note}\n" for note in notes))
     plot_per_class(report, class_names, out / "per_class_accuracy.png")
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
