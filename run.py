@@ -153,14 +153,17 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     method_name = hydra_cfg.runtime.choices["method"]
     rank_zero = rank_zero_only.rank == 0  # Lightning re-runs this script for DDP ranks > 0, into the same folder
     _quiet_console(rank_zero)
-    claimed = None
+    found = set(out_dir.iterdir())  # what a refused run leaves: the folder as it was
+    claimed = False
     try:
         settings = check_config(cfg, method_name, multirun=hydra_cfg.mode == RunMode.MULTIRUN)
         if rank_zero:
-            claimed = claim(out_dir, CLAIM)
+            claimed = bool(claim(out_dir, CLAIM))
         run = prepare(cfg, settings, method_name, out_dir, progress=_progress_wanted(settings["trainer"]))
     except REFUSED as err:
-        _refuse(err, claimed)
+        if claimed:
+            _give_back(out_dir, found)
+        _refuse(err)
     if rank_zero:
         record_config(cfg, out_dir)
     return execute(cfg, **run)
@@ -504,10 +507,20 @@ def _not_a_lightning_notice(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or not (record.name == "lightning" or record.name.startswith("lightning."))
 
 
-def _refuse(err: BaseException, claimed: Path | None = None) -> None:
-    """One line on stderr and exit 2; claims of a run (and a sweep) that did no work are given back."""
-    if claimed is not None:
-        claimed.unlink(missing_ok=True)
+def _give_back(folder: Path, found: set[Path]) -> None:
+    """Leave the folder of a run refused after its claim as the run found it: claim and new log removed."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+            root.removeHandler(handler)
+            handler.close()
+    for path in folder.iterdir():
+        if path not in found and path.is_file():
+            path.unlink()
+
+
+def _refuse(err: BaseException) -> None:
+    """One line on stderr and exit 2; a sweep claimed by this process that did no work yet is given back."""
     if _SWEEP_CLAIMED and HydraConfig.get().job.num == 0:  # the sweep's first run: nothing ran yet
         _SWEEP_CLAIMED.pop().unlink(missing_ok=True)
     print(f"error: {refusal_message(err)}", file=sys.stderr, flush=True)

@@ -59,8 +59,12 @@ class ProbeSettings:
 
     def __post_init__(self) -> None:
         _check_positive_int(per_class=self.per_class, max_iter=self.max_iter)
+        _check_number(C=self.C)
         if self.C <= 0:
             raise ValueError(f"C must be > 0, got {self.C}.")
+        _check_int(seed=self.seed)
+        if self.layer is not None and not isinstance(self.layer, str):
+            raise ValueError(f"layer must be a layer name or None, got {self.layer!r}.")
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class RelearnSettings:
     def __post_init__(self) -> None:
         _check_relearn_recipe(self.epochs, self.batch_size, self.lr, self.optimizer, self.max_eval)
         _check_positive_int(per_class=self.per_class)
+        _check_int(seed=self.seed)
         if self.target is not None:
             _check_target(self.target)
 
@@ -602,8 +607,21 @@ def _check_positive_int(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def _check_int(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}.")
+
+
+def _check_number(**values: float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}.")
+
+
 def _check_relearn_recipe(epochs: int, batch_size: int, lr: float, optimizer: str, max_eval: int) -> None:
     _check_positive_int(epochs=epochs, batch_size=batch_size, max_eval=max_eval)
+    _check_number(lr=lr)
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}.")
     if optimizer not in ("adam", "sgd"):
@@ -611,6 +629,7 @@ def _check_relearn_recipe(epochs: int, batch_size: int, lr: float, optimizer: st
 
 
 def _check_target(target: float) -> None:
+    _check_number(target=target)
     if not 0 < target <= 1:
         raise ValueError(f"target must be an accuracy in (0, 1], got {target}.")
 

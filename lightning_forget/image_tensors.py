@@ -89,6 +89,7 @@ def decode_image_folder(
         cached = _load_cache(cache, summary, classes, image_size, channels)
         if cached is not None:
             return cached
+    log.info("Decoding the %d images of %s", len(samples), folder)
     decoded = DecodedImages(
         _decode(samples, image_size, channels, progress, desc=f"Decoding {folder.name}/"),
         torch.tensor([target for _, target in samples], dtype=torch.long),
@@ -133,6 +134,7 @@ def check_image_folder(
         if record.is_file() and record.read_text() == summary:
             return
     mode = "L" if channels == 1 else "RGB"
+    log.info("Checking the %d images of %s", len(samples), folder)  # a phase of its own in a log without bars
     for path, _ in tqdm(samples, desc=f"Checking {folder.name}/", disable=not progress, leave=False, unit="img"):
         try:
             with Image.open(path) as image:

@@ -22,6 +22,9 @@ Scheduler = Literal["cosine", "onecycle"]
 
 def check_optimizer_settings(optimizer: str, lr: float, weight_decay: float, scheduler: str | None) -> None:
     """Raise ``ValueError`` for an unknown optimizer or scheduler, ``lr <= 0`` or ``weight_decay < 0``."""
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # True would be a learning rate of 1
+            raise ValueError(f"{name} must be a number, got {value!r}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}.")
     if scheduler not in SCHEDULERS:

@@ -1,11 +1,13 @@
 """Strict checks of config values against what they configure: lightning_forget.settings."""
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import pytest
 
-from lightning_forget.methods import ForgettingMethod, Recipe
+from lightning_forget import ProbeSettings, RelearnSettings
+from lightning_forget.methods import Delete, ForgettingMethod, GradientAscent, RandomLabel, Recipe, SalUn
 from lightning_forget.settings import AtLeast, SettingError, check_settings, check_value
 
 
@@ -69,3 +71,22 @@ def test_at_least_bounds_inclusive_and_strict():
     check_value(0, Annotated[int, AtLeast(0)], "k")
     with pytest.raises(SettingError, match="expected a number > 0"):
         check_value(0, Annotated[float, AtLeast(0, strict=True)], "k")
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Recipe(epochs=1, batch_size=2, weight_decay=True), "weight_decay must be a number, got True"),
+        (lambda: GradientAscent(recipe={"epochs": 1}), "recipe must be a Recipe, got dict"),
+        (lambda: Delete(recipe=None), "recipe must be a Recipe, got NoneType"),
+        (lambda: RandomLabel(recipe="x"), "recipe must be a Recipe, got str"),
+        (lambda: SalUn(recipe="x"), "recipe must be a Recipe, got str"),
+        (lambda: ProbeSettings(C=True), "C must be a number, got True"),
+        (lambda: ProbeSettings(layer=1), "layer must be a layer name or None, got 1"),
+        (lambda: RelearnSettings(lr=True), "lr must be a number, got True"),
+        (lambda: RelearnSettings(seed="x"), "seed must be an integer, got 'x'"),
+    ],
+)
+def test_library_objects_refuse_settings_of_the_wrong_type_themselves(build, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        build()

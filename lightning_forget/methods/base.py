@@ -143,6 +143,13 @@ class ForgettingMethod(ABC):
         self.data = data  # type: ignore[assignment]
 
 
+def check_recipe(recipe: object) -> Recipe:
+    """Return ``recipe``; raise ``TypeError`` unless it is a :class:`Recipe`."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}: build one, Recipe(epochs=..., ...).")
+    return recipe
+
+
 def fit_timed(trainer: pl.Trainer, module: pl.LightningModule, dataset: Dataset, batch_size: int) -> float:
     """Fit ``module`` on ``dataset`` (shuffled) and return the wall seconds; the batch is split over processes."""
     per_process = max(1, batch_size // trainer.world_size)

@@ -16,6 +16,7 @@ from lightning_forget.methods.base import (
     Outcome,
     Recipe,
     TrainerFactory,
+    check_recipe,
     fit_timed,
 )
 
@@ -47,7 +48,7 @@ class Delete(ForgettingMethod):
 
     def __init__(self, recipe: Recipe = PUBLISHED, data: DataRegime = "few_shot") -> None:
         self._check_data(data)
-        self.recipe = recipe
+        self.recipe = check_recipe(recipe)
 
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         model = copy.deepcopy(task.original)

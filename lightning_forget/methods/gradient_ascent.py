@@ -15,6 +15,7 @@ from lightning_forget.methods.base import (
     Outcome,
     Recipe,
     TrainerFactory,
+    check_recipe,
     fit_timed,
 )
 
@@ -38,7 +39,7 @@ class GradientAscent(ForgettingMethod):
 
     def __init__(self, recipe: Recipe = PUBLISHED, data: DataRegime = "few_shot") -> None:
         self._check_data(data)
-        self.recipe = recipe
+        self.recipe = check_recipe(recipe)
 
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         model = copy.deepcopy(task.original)

@@ -19,6 +19,7 @@ from lightning_forget.methods.base import (
     Outcome,
     Recipe,
     TrainerFactory,
+    check_recipe,
     fit_timed,
 )
 from lightning_forget.methods.random_label import random_label_loss
@@ -51,7 +52,7 @@ class SalUn(ForgettingMethod):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
         self._check_data(data)
-        self.fraction, self.recipe = fraction, recipe
+        self.fraction, self.recipe = fraction, check_recipe(recipe)
 
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         start = time.perf_counter()
