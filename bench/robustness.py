@@ -183,7 +183,7 @@ class OwnerModule(L.LightningModule):
 ORIGINALS: list[tuple[str, str, str, int]] = [
     ("cnn", "digits8", "adam", 15),
     ("cnn", "digits8", "sgd", 3),
-    ("resnet18", "digits8", "sgd", 8),
+    ("resnet18", "digits8", "adam", 10),
     ("user_cnn", "digits28", "sgd", 3),
     ("user_cnn", "digits28", "adamw", 20),
     ("vgg_no_bn", "digits28", "sgd", 15),
@@ -251,7 +251,8 @@ def forget(
     start = time.perf_counter()
     trainer.fit(module, DataLoader(few, batch_size=32, shuffle=True))
     seconds = time.perf_counter() - start
-    figures = evaluate_forgetting(net, data.train, data.test, classes, data.num_classes, seed=seed)
+    with contextlib.redirect_stderr(io.StringIO()):
+        figures = evaluate_forgetting(net, data.train, data.test, classes, data.num_classes, seed=seed)
     verdict = getattr(callback, "verdict", None)
     return {
         "forget_acc": figures["forget_acc"],
@@ -307,7 +308,8 @@ def main() -> None:
         for count in args.counts:
             for seed in args.seeds:
                 classes = forget_classes_for(seed, count, data.num_classes)
-                before = evaluate_forgetting(original, data.train, data.test, classes, data.num_classes, seed=seed)
+                with contextlib.redirect_stderr(io.StringIO()):
+                    before = evaluate_forgetting(original, data.train, data.test, classes, data.num_classes, seed=seed)
                 for stack in args.stacks:
                     for shots in args.shots if stack == "wrapper" else [args.callback_stack_shots]:
                         try:

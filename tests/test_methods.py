@@ -145,7 +145,7 @@ def test_bad_method_settings_are_refused_before_any_work():
         SalUn(fraction=1.5)
     with pytest.raises(ValueError, match="data must be one of"):
         Retrain(data="most")
-    with pytest.raises(ValueError, match="layers must be"):
+    with pytest.raises(ValueError, match="layers must be one of"):
         Relevance(layers="last")
     with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
         Recipe(epochs=0, batch_size=32)

@@ -24,7 +24,8 @@ from lightning_forget.relevance import Score
 from lightning_forget.verdict import ForgetCriterion
 
 DEFAULT_RECIPE = Recipe(epochs=50, batch_size=32, optimizer="adam", lr=3e-3)
-Layers = Literal["all", "head"]
+Layers = Literal["all", "head", "features"]
+LAYERS: tuple[str, ...] = ("all", "head", "features")
 
 
 class Relevance(ForgettingMethod):
@@ -41,7 +42,8 @@ class Relevance(ForgettingMethod):
         fraction, score, per_tensor, freeze_bn_stats, objective, criterion, stop_when_forgotten:
             as for :class:`~lightning_forget.ClassForgetting`.
         recipe: optimizer settings, batch size and the epoch cap.
-        layers: ``all`` or ``head`` (only the final linear layer may change).
+        layers: ``all``, ``head`` (only the final linear layer may change) or ``features``
+            (everything but the final linear layer, so that forgetting has to change the features).
         data: ``few_shot`` or ``full``.
         seed: seed of the ``random`` score.
 
@@ -63,8 +65,8 @@ class Relevance(ForgettingMethod):
         data: DataRegime = "few_shot",
         seed: int = 0,
     ) -> None:
-        if layers not in ("all", "head"):
-            raise ValueError(f"layers must be 'all' or 'head', got {layers!r}.")
+        if layers not in LAYERS:
+            raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}.")
         self._check_data(data)
         self.options = {
             "fraction": fraction,
@@ -83,9 +85,10 @@ class Relevance(ForgettingMethod):
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         model = copy.deepcopy(task.original)
         frozen = []
-        if self.layers == "head":
-            head = final_linear(model, task.num_classes)[1]
-            frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in head.parameters())]
+        if self.layers != "all":
+            in_head = {id(p) for p in final_linear(model, task.num_classes)[1].parameters()}
+            freeze_head = self.layers == "features"
+            frozen = [p for p in model.parameters() if p.requires_grad and (id(p) in in_head) == freeze_head]
         for p in frozen:
             p.requires_grad_(False)
         module = ForgettingModule(model, task.forget_classes, task.num_classes, **self.recipe.module_kwargs())
