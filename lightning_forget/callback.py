@@ -374,6 +374,32 @@ class ClassForgetting(Callback):
         if self._gate is not None:
             self._gate.mask_gradients()
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor) and not torch.isfinite(loss).all():
+            restored = self._restore_start(pl_module)
+            optimizers = ", ".join(f"{type(o).__name__}(lr={o.param_groups[0]['lr']:g})" for o in trainer.optimizers)
+            raise FloatingPointError(
+                f"ClassForgetting: the loss became {float(loss)} at step {trainer.global_step} with {optimizers}: "
+                f"the training diverged; {restored}. Lower the learning rate (Adam at 3e-3, as ForgettingModule "
+                "uses, forgets well), or clip gradients."
+            )
+
+    def _restore_start(self, pl_module: pl.LightningModule) -> str:
+        """Put every parameter back to its fit-start values where they are kept; say what was restored."""
+        kept = self._teacher or (self._gate.kept if self._gate is not None else {})
+        with torch.no_grad():
+            named = dict(itertools.chain(pl_module.named_parameters(), pl_module.named_buffers()))
+            for name, value in kept.items():
+                if name in named:
+                    named[name].copy_(value.to(named[name].device))
+        missing = [n for n, _ in pl_module.named_parameters() if n not in kept]
+        if not missing:
+            return "the weights are back to their values at fit start"
+        return f"the weights are back to their fit-start values except {missing[:5]}, which were not kept"
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enforce(pl_module, _AFTER_STEP)
         now = self._measure(trainer, pl_module, _forward_of(trainer, pl_module))

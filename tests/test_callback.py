@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -141,3 +142,26 @@ def test_unsupported_strategies_are_refused_at_setup(strategy, message):
     trainer.strategy = strategy
     with pytest.raises(MisconfigurationException, match=message):
         ClassForgetting([1]).setup(trainer, UserClassifier(), "fit")
+
+
+def test_a_diverging_fit_stops_with_the_cause_and_leaves_the_weights_as_they_started():
+    torch.manual_seed(0)
+    module = UserClassifier(lambda p: torch.optim.SGD(p, lr=1e30))
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(FloatingPointError, match=r"diverged.*SGD\(lr=1e\+30\).*Lower the learning rate"):
+        quiet_trainer(max_epochs=5, callbacks=[ClassForgetting([1])]).fit(module, tiny_loader())
+    assert all(torch.equal(before[n], t) for n, t in module.state_dict().items())
+
+
+def test_the_stop_rule_waits_for_the_remaining_classes_own_probability_to_come_back():
+    from lightning_forget import Evidence, ForgetCriterion
+
+    start = Evidence(forget_acc=1.0, retain_acc=1.0, forget_mass=0.9, retain_confidence=0.95, forget_samples=4,
+                     retain_samples=12)  # fmt: skip
+    shaken = Evidence(forget_acc=0.0, retain_acc=1.0, forget_mass=0.001, retain_confidence=0.80, forget_samples=4,
+                      retain_samples=12)  # fmt: skip
+    repaired = dataclasses.replace(shaken, retain_confidence=0.93)
+    assert ForgetCriterion().shortfalls(start, shaken) == [
+        "remaining-class own-class probability fell from 0.950 to 0.800 (more than 0.03)"
+    ]
+    assert ForgetCriterion().shortfalls(start, repaired) == []
