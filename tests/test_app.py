@@ -6,12 +6,16 @@ Each CLI call pays seconds of imports, so the calls start together in a pool (fi
 other tests go on: those that build on the default run's cache start when it is done.
 """
 
+import fcntl
 import json
 import os
+import pty
 import re
 import shlex
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -110,6 +114,28 @@ def cli_run(run_dir: Path, cache: Path, *overrides: str) -> Run:
         env=clean_env(),
     )
     return Run(result, run_dir, cache)
+
+
+def tty_run(run_dir: Path, cache: Path, *overrides: str) -> Run:
+    """``python run.py`` on a terminal (a pseudo-terminal of 120 columns): what a user at a console sees."""
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    paths = [f"hydra.run.dir={run_dir}", f"original.cache_dir={cache}"]
+    command = [sys.executable, "run.py", *paths, *overrides]
+    process = subprocess.Popen(command, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal, env=clean_env())
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    output = b"".join(chunks).decode(errors="replace")
+    return Run(subprocess.CompletedProcess(command, process.wait(timeout=600), output, ""), run_dir, cache)
 
 
 def assert_ok(run: Run) -> None:
@@ -268,6 +294,8 @@ def cli(tmp_path_factory) -> Iterator[dict[str, Future]]:
     }
     for name, overrides in later.items():
         runs[name] = after(default, pool, lambda n=name, o=overrides: cli_run(tmp / n, shared, *o))
+    quiet = ["baselines=[]", "trainer.enable_progress_bar=false"]
+    runs["tty-quiet"] = after(default, pool, lambda: tty_run(tmp / "tty-quiet", shared, *quiet))
     finished = {}  # the default run's folder as it was before a rerun into it was refused
     default.add_done_callback(lambda f: finished.update(snapshot(f.result().run_dir)))
     runs["rerun"] = after(default, pool, lambda: cli_run(default.result().run_dir, tmp / "rerun-cache"))
@@ -341,6 +369,15 @@ def test_the_console_reads_cleanly_and_ends_with_the_table_and_the_verdict(cli):
     assert last.startswith("Forgotten: ") and "against retrain" in last
     assert len(out.splitlines()) < 30
     assert "GPU available" in run.log(), "Lightning's notices belong in run.log"
+
+
+def test_on_a_terminal_enable_progress_bar_false_silences_every_bar(cli):
+    run = cli["tty-quiet"].result()
+    assert_ok(run)
+    out = run.result.stdout
+    assert "Evaluating original" in out and out.rstrip().splitlines()[-1].startswith("Forgotten: ")
+    for bar in ("Epoch 0", "Relevance scoring", "Evaluating on test", "Relearning", "it/s"):
+        assert bar not in out, bar
 
 
 def test_progress_bars_follow_the_setting_and_a_log_gets_none():
