@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 DEFAULT_FRACTION = 0.2
 DEFAULT_OBJECTIVE = ForgettingObjective()
 DEFAULT_CRITERION = ForgetCriterion()
+DEFAULT_PATIENCE = 1
 
 
 class ClassForgetting(Callback):
@@ -79,6 +80,8 @@ class ClassForgetting(Callback):
         objective: the forgetting loss, or ``None`` to train with the module's own ``training_step``.
         criterion: when the samples say the classes are forgotten.
         stop_when_forgotten: stop the fit once ``criterion`` is met.
+        patience: consecutive epoch ends at which ``criterion`` must hold before the fit stops;
+            the epochs after the first keep repairing the remaining classes and deepen the forgetting.
         scoring_data: batches to score and check on; ``None`` uses every sample of the fit's
             training dataloader (in order, none dropped).
         masks: parameter name to a bool tensor (``True`` where the entry may change) to use
@@ -104,6 +107,7 @@ class ClassForgetting(Callback):
         objective: ForgettingObjective | None = DEFAULT_OBJECTIVE,
         criterion: ForgetCriterion = DEFAULT_CRITERION,
         stop_when_forgotten: bool = True,
+        patience: int = DEFAULT_PATIENCE,
         scoring_data: Iterable[Any] | None = None,
         masks: Mapping[str, Tensor] | None = None,
         per_tensor: bool = False,
@@ -128,7 +132,11 @@ class ClassForgetting(Callback):
         self.score = score
         self.objective = objective
         self.criterion = criterion
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}.")
         self.stop_when_forgotten = stop_when_forgotten
+        self.patience = patience
+        self._held = 0
         self.scoring_data = scoring_data
         self.per_tensor = per_tensor
         self.freeze_bn_stats = freeze_bn_stats
@@ -410,7 +418,8 @@ class ClassForgetting(Callback):
                 "forget/samples_retain_acc": now.retain_acc,
             }
         )
-        if self.stop_when_forgotten and not self.criterion.shortfalls(self._before, now):
+        self._held = 0 if self.criterion.shortfalls(self._before, now) else self._held + 1
+        if self.stop_when_forgotten and self._held >= self.patience:
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

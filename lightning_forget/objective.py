@@ -33,17 +33,19 @@ class ForgettingObjective:
     - ``random_label``: cross-entropy to a random remaining class;
     - ``ascent``: negative cross-entropy to the true label, bounded at ``2 log(num_classes)``.
 
-    Each term is a mean over its own samples; a batch without such samples adds 0.
+    Each term is a mean over its own samples (a batch without such samples adds 0), and the
+    loss is their weighted mean, so that its scale is that of one cross-entropy whatever the
+    weights: an SGD learning rate that trains the model also forgets with it.
 
     Args:
         forget_loss: one of ``FORGET_LOSSES``.
-        retain_weight, distill_weight, forget_weight: non-negative weights of the terms.
+        retain_weight, distill_weight, forget_weight: non-negative weights of the terms, not all 0.
         temperature: distillation temperature, > 0.
         distill_target: ``renormalized`` or ``original``.
 
     Raises:
-        ValueError: for an unknown ``forget_loss`` or ``distill_target``, negative weights or
-            temperature <= 0.
+        ValueError: for an unknown ``forget_loss`` or ``distill_target``, negative or all-zero
+            weights, or temperature <= 0.
     """
 
     forget_loss: ForgetLoss = "renormalized"
@@ -63,6 +65,8 @@ class ForgettingObjective:
         bad = {k: v for k, v in weights.items() if not _is_number(v) or v < 0}
         if bad:
             raise ValueError(f"Loss weights must be numbers >= 0, got {bad}.")
+        if not sum(weights.values()) > 0:
+            raise ValueError("At least one loss weight must be > 0: all three are 0.")
         if not _is_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}.")
 
@@ -87,7 +91,8 @@ class ForgettingObjective:
         if forget_rows.any():
             rows = forget_rows
             forget = self._forget_term(logits[rows], teacher_logits[rows], targets[rows], is_forgotten)
-        loss = self.retain_weight * retain + self.distill_weight * distill + self.forget_weight * forget
+        total = self.retain_weight + self.distill_weight + self.forget_weight
+        loss = (self.retain_weight * retain + self.distill_weight * distill + self.forget_weight * forget) / total
         return {"loss": loss, "retain": retain.detach(), "distill": distill.detach(), "forget": forget.detach()}
 
     def _forget_term(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, is_forgotten: Tensor) -> Tensor:

@@ -165,3 +165,30 @@ def test_the_stop_rule_waits_for_the_remaining_classes_own_probability_to_come_b
         "remaining-class own-class probability fell from 0.950 to 0.800 (more than 0.03)"
     ]
     assert ForgetCriterion().shortfalls(start, repaired) == []
+
+
+def test_every_sample_is_scored_even_when_the_training_loader_drops_its_last_batch(monkeypatch):
+    seen = []
+    original = ClassForgetting._score
+
+    def counting(self, trainer, pl_module, forward):
+        seen.extend(int(y) for _, ys in self._samples for y in ys)
+        return original(self, trainer, pl_module, forward)
+
+    monkeypatch.setattr(ClassForgetting, "_score", counting)
+    dataset = tiny_loader(n_per_class=5).dataset  # 20 samples: batches of 8 drop 4 of them
+    loader = DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True)
+    quiet_trainer(max_epochs=1, callbacks=[ClassForgetting([1])]).fit(UserClassifier(), loader)
+    assert sorted(seen) == sorted(int(y) for _, y in dataset)
+
+
+def test_the_fit_stops_once_the_classes_stay_forgotten_for_patience_epochs():
+    epochs = {}
+    for patience in (1, 4):
+        torch.manual_seed(0)
+        callback = ClassForgetting([1], patience=patience)
+        trainer = quiet_trainer(max_epochs=60, callbacks=[callback])
+        trainer.fit(ForgettingModule(tiny_net(), [1], 4, lr=0.05), tiny_loader())
+        assert callback.verdict.forgotten
+        epochs[patience] = trainer.current_epoch
+    assert epochs[1] < 60 and epochs[4] == epochs[1] + 3

@@ -7,7 +7,13 @@ from typing import Literal
 
 import torch
 
-from lightning_forget.callback import DEFAULT_CRITERION, DEFAULT_FRACTION, DEFAULT_OBJECTIVE, ClassForgetting
+from lightning_forget.callback import (
+    DEFAULT_CRITERION,
+    DEFAULT_FRACTION,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_PATIENCE,
+    ClassForgetting,
+)
 from lightning_forget.evidence import final_linear
 from lightning_forget.methods.base import (
     DataRegime,
@@ -39,7 +45,7 @@ class Relevance(ForgettingMethod):
     may change (``head_only``: the floor any forgetting of the features has to beat).
 
     Args:
-        fraction, score, per_tensor, freeze_bn_stats, objective, criterion, stop_when_forgotten:
+        fraction, score, per_tensor, freeze_bn_stats, objective, criterion, stop_when_forgotten, patience:
             as for :class:`~lightning_forget.ClassForgetting`.
         recipe: optimizer settings, batch size and the epoch cap.
         layers: ``all``, ``head`` (only the final linear layer may change) or ``features``
@@ -60,6 +66,7 @@ class Relevance(ForgettingMethod):
         objective: ForgettingObjective = DEFAULT_OBJECTIVE,
         criterion: ForgetCriterion = DEFAULT_CRITERION,
         stop_when_forgotten: bool = True,
+        patience: int = DEFAULT_PATIENCE,
         recipe: Recipe = DEFAULT_RECIPE,
         layers: Layers = "all",
         data: DataRegime = "few_shot",
@@ -76,6 +83,7 @@ class Relevance(ForgettingMethod):
             "objective": objective,
             "criterion": criterion,
             "stop_when_forgotten": stop_when_forgotten,
+            "patience": patience,
             "seed": seed,
         }
         ClassForgetting([0], **self.options)  # validates every option now, before any work
