@@ -14,7 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_forget.data import ClassificationData, dataset_labels
+
 log = logging.getLogger(__name__)
+# Trainer settings that do not change what a fit learns; every other one is part of a key.
+DISPLAY_ONLY = frozenset({"enable_progress_bar", "enable_model_summary", "enable_checkpointing", "log_every_n_steps"})
 
 
 class ModelCache:
@@ -35,8 +39,7 @@ class ModelCache:
 
     def path(self, key: Mapping[str, Any], prefix: str = "model") -> Path:
         """Where the weights of ``key`` live; ``prefix`` (e.g. the architecture) starts the file name."""
-        digest = hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
-        return self.directory / f"{prefix}-{digest}.pt"
+        return self.directory / f"{prefix}-{digest(key)}.pt"
 
     def check_writable(self) -> None:
         """Raise ``PermissionError`` (naming the folder) unless files can be written there."""
@@ -81,5 +84,40 @@ class ModelCache:
         return path
 
 
-def _canonical(key: Mapping[str, Any]) -> str:
-    return json.dumps(key, sort_keys=True, default=str)
+def training_keys(
+    settings: Mapping[str, Any], data: ClassificationData, model: nn.Module, one_device: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keys of a model the app trains: of a fit on one device, and of a fit with the configured trainer.
+
+    A key holds what shapes the trained model: the data (settings and content), the architecture, the recipe,
+    the seed and every trainer setting but the display-only ones (:data:`DISPLAY_ONLY`).
+
+    Args:
+        settings: the app's resolved settings (``dataset``, ``model``, ``train``, ``seed``, ``trainer``).
+        data: the dataset they build.
+        model: a network as they build it (the shapes of its parameters).
+        one_device: the trainer settings of a fit on one device (devices, strategy, the accelerator used).
+    """
+    labels = [dataset_labels(split).tolist() for split in (data.train, data.test)]
+    shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    content = {"sizes": [len(labels[0]), len(labels[1])], "classes": data.class_names, "labels": digest(labels)}
+    trainer = {k: v for k, v in settings["trainer"].items() if k not in DISPLAY_ONLY}
+    key = {
+        "dataset": settings["dataset"],
+        "dataset_content": content,
+        "model": settings["model"],
+        "parameters": digest(shapes),
+        "train": settings["train"],
+        "seed": settings["seed"],
+        "trainer": trainer,
+    }
+    return {**key, "trainer": {**trainer, **one_device}}, key
+
+
+def digest(value: Any) -> str:
+    """A short hash of a JSON-ready value (mapping keys in any order)."""
+    return hashlib.sha256(_canonical(value).encode()).hexdigest()[:16]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,9 +1,12 @@
-"""Classifier architectures, adapted to small images and any channel count."""
+"""Classifier architectures, adapted to small images and any channel count, and the check that a network is one."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torchvision import models as tv_models
+
+from lightning_forget.data import ClassificationData
 
 ARCHITECTURES: tuple[str, ...] = ("cnn", "resnet18", "resnet34", "resnet50", "vgg16_bn")
 
@@ -41,6 +44,35 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         net.classifier = nn.Linear(512, num_classes)
         return net
     raise ValueError(f"Unknown architecture {arch!r}: choose one of {ARCHITECTURES}.")
+
+
+def check_classifier(model: nn.Module, data: ClassificationData, name: str) -> None:
+    """Refuse a model that does not map one training image of ``data`` to one logit per class.
+
+    Args:
+        model: the network; it is left in the mode it was in.
+        data: the dataset it is to classify.
+        name: how messages call the model.
+
+    Raises:
+        ValueError: naming what the model raised or returned, and what it must return.
+    """
+    image = data.train_eval[0][0].unsqueeze(0).cpu()
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(image)
+    except Exception as err:  # whatever the user's forward raises, the fix is in the model or its settings
+        raise ValueError(f"model {name} fails on a {tuple(image.shape)} image batch: {err!r}.") from None
+    finally:
+        model.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != (1, data.num_classes):
+        raise ValueError(
+            f"model {name} returns {shape} for a {tuple(image.shape)} image batch; it must return (batch, "
+            f"{data.num_classes}) logits: give it {data.num_classes} classes (e.g. +model.num_classes="
+            f"{data.num_classes}) and {data.in_channels} input channels."
+        )
 
 
 def _small_cnn(num_classes: int, in_channels: int) -> nn.Sequential:

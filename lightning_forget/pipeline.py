@@ -1,24 +1,26 @@
-"""One comparison: the original model, every method on the same task, every model evaluated alike."""
+"""One comparison: the original model, every method on the same task, every model evaluated alike, the report."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
-from lightning_forget.cache import ModelCache
-from lightning_forget.data import dataset_labels
+from lightning_forget.cache import ModelCache, digest
+from lightning_forget.data import ClassificationData, dataset_labels
 from lightning_forget.evidence import anamnesis_index
 from lightning_forget.methods.base import ForgettingMethod, ForgettingTask, Outcome, Recipe, TrainerFactory
 from lightning_forget.methods.base import train_classifier as _train
+from lightning_forget.runs import write_run
 
 log = logging.getLogger(__name__)
 _DDP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GLOBAL_RANK")
@@ -73,7 +75,7 @@ def compare(
     evaluate: Callable[[nn.Module], dict[str, Any]],
     *,
     seed: int,
-    original_seconds: float,
+    original_seconds: float | None,
     cache: ModelCache | None = None,
     cache_key: Mapping[str, Any] | None = None,
 ) -> Comparison | None:
@@ -90,7 +92,7 @@ def compare(
         trainers: method name to the factory of its Trainers.
         evaluate: model to figures (see :func:`~lightning_forget.evaluate_forgetting`).
         seed: every method starts from this global seed.
-        original_seconds: how long the original took to train (for the report).
+        original_seconds: how long the original took to train (for the report; ``None``: not trained here).
         cache: where retrained models are kept.
         cache_key: what shapes them besides the method and the classes (data, model, recipe,
             seed, trainer settings).
@@ -127,6 +129,79 @@ def compare(
     return Comparison(outcomes, figures, build_report(primary, task.forget_classes, figures))
 
 
+def compare_and_report(
+    data: ClassificationData,
+    forget_classes: list[int],
+    few_shot: Subset,
+    make_model: Callable[[], nn.Module],
+    methods: Mapping[str, ForgettingMethod],
+    recipe: Recipe,
+    trainers: Callable[[str, bool], TrainerFactory],
+    evaluate: Callable[..., dict[str, Any]],
+    *,
+    seed: int,
+    out_dir: Path,
+    loading: Callable[..., str],
+    model_name: str,
+    original: nn.Module | None = None,
+    cache: ModelCache | None = None,
+    keys: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
+    about: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """A whole run: the original (given, cached or trained), :func:`compare`, the report and the run's files.
+
+    Args:
+        data: the dataset.
+        forget_classes: the classes to forget.
+        few_shot: the samples of every class the methods get (a ``Subset`` of ``data.train``).
+        make_model: a fresh network.
+        methods: name to method, in report order; the first is the method under test.
+        recipe: how the original is trained (and retraining retrains).
+        trainers: ``(name, distributed)`` to the Trainer factory of the fits of ``name`` (``original`` or a
+            method); only the method under test fits distributed.
+        evaluate: a model (and ``original=``, ``exclude_indices=``) to its figures (see
+            :func:`~lightning_forget.evaluate_forgetting`).
+        seed: every fit starts from this global seed.
+        out_dir: the run folder (see :func:`~lightning_forget.runs.write_run`).
+        loading: a path to the line of code that loads the forgotten model from it.
+        model_name: the architecture, which names the cached original's file.
+        original: the trained original, else obtained with :func:`obtain_original`.
+        cache: where trained originals and retrained models are kept.
+        keys: the cache keys of fits on one device and of fits with the configured trainer (see
+            :func:`~lightning_forget.cache.training_keys`).
+        about: entries added to the report (the run's setting and config).
+
+    Returns:
+        The report, or ``None`` on a DDP rank other than zero (rank zero reports).
+    """
+    L.seed_everything(seed, verbose=False)
+    single, configured = keys if keys is not None else (None, None)
+    seconds = None
+    if original is None:
+        original, seconds = obtain_original(
+            make_model, data.train, data.num_classes, recipe, trainers("original", False), cache, single,
+            prefix=f"original-{model_name}",
+        )  # fmt: skip
+    task = ForgettingTask(original, make_model, data.train, few_shot, forget_classes, data.num_classes, recipe)
+    first = next(iter(methods))
+    comparison = compare(
+        task,
+        methods,
+        lambda name: trainers(name, name == first),
+        partial(evaluate, original=original, exclude_indices=few_shot.indices),
+        seed=seed,
+        original_seconds=seconds,
+        cache=cache,
+        # Only the method under test may fit in several processes: its rows need the full trainer settings.
+        cache_key=configured if methods[first].cacheable else single,
+    )
+    if comparison is None:
+        return None
+    report = comparison.report | {"class_names": data.class_names, **(about or {})}
+    write_run(out_dir, report, comparison.outcomes[first], data.class_names, loading)
+    return report
+
+
 def _run(
     name: str,
     method: ForgettingMethod,
@@ -153,8 +228,7 @@ def _run(
 def _indices_digest(dataset: Any) -> str:
     """A short digest of the labels and, for a ``Subset``, the indices of ``dataset``'s samples."""
     indices = list(getattr(dataset, "indices", range(len(dataset))))
-    labels = dataset_labels(dataset).tolist()
-    return hashlib.sha256(json.dumps([indices, labels]).encode()).hexdigest()[:16]
+    return digest([indices, dataset_labels(dataset).tolist()])
 
 
 def build_report(method: str, forget_classes: list[int], models: dict[str, dict[str, Any]]) -> dict[str, Any]:

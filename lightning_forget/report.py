@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_forget.settings import show
+
 # Report columns in order, with their format; a column shows when some row has it.
 COLUMNS: dict[str, str] = {
     "forget_acc": ".4f",
@@ -149,6 +151,44 @@ def sweep_summary(reports: Sequence[dict[str, Any]], keys: Sequence[str] = ()) -
             cells += [_mean_std([r.get(c) for r in rows], c) for c in cols]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_sweep_summary(folder: str | Path) -> None:
+    """Write ``sweep_summary.md`` across the runs below ``folder`` and print it; nothing when none finished.
+
+    Rows are told apart by the settings that differ between the runs' configs (flattened to dotted keys,
+    e.g. ``forget.classes``), seeds aside: runs that differ only in their seed are averaged.
+
+    Args:
+        folder: the sweep folder; every ``report.json`` below it is one run.
+    """
+    folder = Path(folder)
+    reports = [json.loads(p.read_text()) for p in sorted(folder.glob("**/report.json"))]
+    if not reports:
+        return
+    varying = _varying_settings([r["config"] for r in reports])
+    rows = [r | {"setting": {k: show(v) for k, v in _flat(r["config"]).items() if k in varying}} for r in reports]
+    table = sweep_summary(rows, keys=sorted(varying))
+    (folder / "sweep_summary.md").write_text(table)
+    print(f"\nSweep of {len(reports)} runs, mean ± std over seeds ({folder / 'sweep_summary.md'}):\n\n{table}")
+
+
+def _varying_settings(configs: list[dict[str, Any]]) -> set[str]:
+    """The settings that tell a sweep's runs apart; seeds are averaged over, not told apart."""
+    flat = [_flat(c) for c in configs]
+    keys = set().union(*flat)
+    return {k for k in keys if k != "seed" and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1}
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one mapping of dotted keys."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _mean_std(values: list[Any], column: str) -> str:

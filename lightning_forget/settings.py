@@ -25,7 +25,7 @@ CALL_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_ar
 
 
 class SettingError(ValueError):
-    """A setting of the wrong type or range, or one that the target does not take."""
+    """A setting of the wrong type or range, one that the target does not take, or one that cannot be used here."""
 
 
 @dataclass(frozen=True)

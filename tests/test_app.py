@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_forget import ProbeSettings, RelearnSettings, evaluate_forgetting
+from lightning_forget.console import progress_wanted
 from lightning_forget.data import TORCHVISION_DATASETS, digits
 from lightning_forget.methods import ForgettingMethod
 from lightning_forget.models import ARCHITECTURES, build_model
@@ -381,8 +382,8 @@ def test_on_a_terminal_enable_progress_bar_false_silences_every_bar(cli):
 
 
 def test_progress_bars_follow_the_setting_and_a_log_gets_none():
-    assert app._progress_wanted({"enable_progress_bar": True}) is False  # pytest's output is not a terminal
-    assert app._progress_wanted({"enable_progress_bar": False}) is False
+    assert progress_wanted({"enable_progress_bar": True}) is False  # pytest's output is not a terminal
+    assert progress_wanted({"enable_progress_bar": False}) is False
 
 
 def test_evaluation_shows_no_bar_when_progress_is_off(capsys):

@@ -1,0 +1,251 @@
+"""The app's settings (``conf/config.yaml``): their schema, the checks beyond each value's type, what they build.
+
+The settings are plain Python, as ``OmegaConf.to_container(cfg, resolve=True)`` gives them; every group that
+configures an object is a ``_target_`` mapping, checked against the class its annotation names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from lightning_forget.cache import ModelCache, training_keys
+from lightning_forget.checkpoints import load_checkpoint
+from lightning_forget.classes import resolve_classes
+from lightning_forget.data import ClassificationData, few_shot_subset
+from lightning_forget.evaluation import evaluate_forgetting
+from lightning_forget.evidence import ProbeSettings, RelearnSettings
+from lightning_forget.methods import ForgettingMethod, Recipe
+from lightning_forget.models import check_classifier
+from lightning_forget.settings import AtLeast, SettingError, check_settings, check_value, show
+
+# Trainer settings the app sets for every fit itself, and where to set them instead.
+APP_OWNED = {
+    "max_epochs": "train.epochs (original, retrain) and method.recipe.epochs",
+    "callbacks": "the method's config",
+    "logger": "the logger group (logger=csv, logger=tensorboard, logger=null)",
+    "default_root_dir": "hydra.run.dir",
+}
+# Trainer settings Lightning accepts at construction and then fails on, or trains nothing with.
+TRAINER_RANGES = {
+    "accumulate_grad_batches": Annotated[int, AtLeast(1)],
+    "limit_train_batches": Annotated[int, AtLeast(1)] | Annotated[float, AtLeast(0, strict=True)],
+    "max_steps": Literal[-1] | Annotated[int, AtLeast(1)],
+    "log_every_n_steps": Annotated[int, AtLeast(1)],
+    "gradient_clip_val": Annotated[float, AtLeast(0)] | None,
+}
+
+
+@dataclass
+class ForgetSettings:
+    """``forget.*``: the classes to forget (ids or names) and the samples per class the methods get."""
+
+    classes: list[int | str]
+    shots: Annotated[int, AtLeast(1)]
+
+
+@dataclass
+class OriginalSettings:
+    """``original.*``: a checkpoint of the original (and the prefix of its keys), else where trained ones are kept."""
+
+    ckpt: str | None
+    key_prefix: str | None
+    cache_dir: str
+
+
+@dataclass
+class EvalSettings:
+    """``eval.*``: how every model is evaluated."""
+
+    batch_size: Annotated[int, AtLeast(1)]
+    max_members: Annotated[int, AtLeast(1)] | None
+    device: Literal["auto", "cpu", "cuda"]
+    probe: ProbeSettings | None
+    relearn: RelearnSettings | None
+
+
+@dataclass
+class AppSettings:
+    """The schema of the whole config; each group must build what its annotation names (checked via ``_target_``)."""
+
+    dataset: ClassificationData
+    model: nn.Module
+    trainer: L.Trainer
+    method: ForgettingMethod
+    logger: Logger | None
+    seed: int
+    baselines: list[str]
+    forget: ForgetSettings
+    train: Recipe
+    original: OriginalSettings
+    eval: EvalSettings
+
+
+def check_app_settings(settings: Mapping[str, Any], multirun: bool = False) -> None:
+    """Every setting's type and range against :class:`AppSettings`, and the trainer settings the app cannot take.
+
+    Args:
+        settings: the resolved config.
+        multirun: whether the run is one of a sweep (``-m``), which cannot run a DDP strategy.
+
+    Raises:
+        SettingError: naming the setting and what is allowed.
+    """
+    if isinstance(settings.get("baselines"), str):
+        name = settings["baselines"]
+        raise SettingError(f"baselines={name} is a string: write a list, baselines=[{name}] (or [] for none).")
+    check_settings(settings, AppSettings)
+    trainer = settings["trainer"]
+    for key, where in APP_OWNED.items():
+        if key in trainer:
+            raise SettingError(f"trainer.{key} is set by the app for every fit: remove it and set {where}.")
+    for key, annotation in TRAINER_RANGES.items():
+        if key in trainer:
+            check_value(trainer[key], annotation, f"trainer.{key}")
+    strategy = str(trainer.get("strategy", "auto"))
+    if multirun and strategy.startswith("ddp"):
+        raise SettingError(
+            f"multirun (-m) cannot run trainer.strategy={strategy}: Lightning would re-launch the whole sweep in "
+            "every DDP process. Run the settings one at a time, or sweep with a single-process trainer."
+        )
+
+
+def baseline_names(baselines: Sequence[str], method_name: str, choices: Sequence[str]) -> list[str]:
+    """The baselines to run beside the method under test, each once.
+
+    Args:
+        baselines: the names ``baselines`` lists.
+        method_name: the method under test, which runs anyway.
+        choices: the names of the method configs there are.
+
+    Raises:
+        SettingError: for a name that is not among ``choices``.
+    """
+    unknown = [name for name in baselines if name not in choices]
+    if unknown:
+        raise SettingError(f"baselines={show(baselines)} names unknown methods {unknown}: choose among {choices}.")
+    return [name for name in dict.fromkeys(baselines) if name != method_name]
+
+
+def build_run(
+    settings: Mapping[str, Any],
+    data: ClassificationData,
+    make_model: Callable[[], nn.Module],
+    one_device: Mapping[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """What the settings make of the data and the network, checked to fit together; nothing is trained or written.
+
+    Args:
+        settings: the checked settings (see :func:`check_app_settings`).
+        data: the dataset ``dataset.*`` builds.
+        make_model: a fresh network as ``model.*`` builds it.
+        one_device: the trainer settings of a fit on one device (see :func:`~lightning_forget.cache.training_keys`).
+        progress: show progress bars in the evaluation.
+
+    Returns:
+        The keyword arguments of :func:`~lightning_forget.pipeline.compare_and_report` but ``methods``,
+        ``trainers``, ``out_dir`` and ``loading``: the data, classes, few-shot samples, network, recipe, seed,
+        original (from ``original.ckpt``), cache and keys, evaluator and the report's setting and config.
+
+    Raises:
+        SettingError, ValueError, OSError: naming the setting and what is wrong with it.
+    """
+    forget_classes = resolve_classes(settings["forget"]["classes"], data.class_names)
+    model = make_model()
+    name = _model_name(settings["model"])
+    check_classifier(model, data, name)
+    original = _load_original(model, settings["original"])
+    cache = ModelCache(settings["original"]["cache_dir"])
+    cache.check_writable()
+    keys = training_keys(settings, data, model, one_device)
+    evaluate = _evaluator(settings, data, forget_classes, progress)
+    return {
+        "data": data,
+        "forget_classes": forget_classes,
+        "few_shot": few_shot_subset(data.train, settings["forget"]["shots"], seed=settings["seed"]),
+        "make_model": make_model,
+        "recipe": Recipe(**settings["train"]),
+        "evaluate": evaluate,
+        "seed": settings["seed"],
+        "model_name": name,
+        "original": original,
+        "cache": cache,
+        "keys": keys,
+        "about": {"config": settings, "setting": _run_setting(settings)},
+    }
+
+
+def _model_name(model: Mapping[str, Any]) -> str:
+    """The architecture of ``model.*`` (``arch``), else the name of the class its ``_target_`` builds."""
+    return model.get("arch") or model["_target_"].rsplit(".", 1)[-1]
+
+
+def _run_setting(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report says a run was: dataset, model, shots and seed."""
+    return {
+        "dataset": settings["dataset"]["_target_"].rsplit(".", 1)[-1],
+        "model": _model_name(settings["model"]),
+        "shots": settings["forget"]["shots"],
+        "seed": settings["seed"],
+    }
+
+
+def _load_original(model: nn.Module, original: Mapping[str, Any]) -> nn.Module | None:
+    """``model`` with the weights of ``original.ckpt`` loaded, or ``None`` when there is no checkpoint to load.
+
+    Raises:
+        SettingError: naming the checkpoint and why it does not load into ``model``.
+    """
+    ckpt = original["ckpt"]
+    if ckpt is None:
+        return None
+    try:
+        return load_checkpoint(model, ckpt, original["key_prefix"])
+    except (OSError, ValueError) as err:
+        raise SettingError(f"original.ckpt={ckpt}: {err}") from None
+
+
+def _evaluator(
+    settings: Mapping[str, Any], data: ClassificationData, forget_classes: Sequence[int], progress: bool
+) -> Callable[..., dict[str, Any]]:
+    """:func:`~lightning_forget.evaluate_forgetting` as ``eval.*`` sets it, on ``data``; a model to its figures.
+
+    Raises:
+        SettingError: for a device that is not here or evidence settings out of range.
+    """
+    evaluation = settings["eval"]
+    return partial(
+        evaluate_forgetting,
+        train=data.train_eval,
+        test=data.test,
+        forget_classes=forget_classes,
+        num_classes=data.num_classes,
+        max_members=evaluation["max_members"],
+        seed=settings["seed"],
+        batch_size=evaluation["batch_size"],
+        device=_device(evaluation["device"]),
+        probe=_evidence_settings(ProbeSettings, evaluation["probe"], "eval.probe"),
+        relearn=_evidence_settings(RelearnSettings, evaluation["relearn"], "eval.relearn"),
+        progress=progress,
+    )
+
+
+def _evidence_settings(kind: type, values: dict[str, Any] | None, key: str) -> Any:
+    try:
+        return None if values is None else kind(**values)
+    except ValueError as err:
+        raise SettingError(f"{key}: {err}") from None
+
+
+def _device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SettingError("eval.device=cuda but no GPU is usable here: use eval.device=auto or cpu.")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
