@@ -43,7 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_forget import ClassForgetting, ForgettingModule, build_model, evaluate_forgetting, few_shot_subset
+from lightning_forget import (
+    ClassForgetting,
+    ForgetCriterion,
+    ForgettingModule,
+    build_model,
+    evaluate_forgetting,
+    few_shot_subset,
+)
 from lightning_forget.data import digits
 
 PASS_FORGET, PASS_RETAIN_DROP = 0.05, 0.03
@@ -242,7 +249,8 @@ def forget(
     net = copy.deepcopy(original)
     few = few_shot_subset(data.train, shots, seed=seed)
     L.seed_everything(seed, verbose=False)
-    callback = ClassForgetting(classes, **args.callback_kwargs)
+    criterion = {} if args.criterion_kwargs is None else {"criterion": ForgetCriterion(**args.criterion_kwargs)}
+    callback = ClassForgetting(classes, **args.callback_kwargs, **criterion)
     if stack == "wrapper":
         module: L.LightningModule = ForgettingModule(net, classes, data.num_classes, **args.module_kwargs)
     else:
@@ -280,6 +288,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="substrings of original names to run")
     parser.add_argument("--callback-kwargs", type=json.loads, default={})
     parser.add_argument("--module-kwargs", type=json.loads, default={})
+    parser.add_argument("--criterion-kwargs", type=json.loads, default=None, help="ForgetCriterion settings")
     args = parser.parse_args()
     cache, out = Path(args.cache).expanduser(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
