@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 3], help="numbers of forgotten classes")
     parser.add_argument("--stacks", nargs="+", default=["wrapper", "callback"], choices=["wrapper", "callback"])
     parser.add_argument("--callback-stack-shots", type=int, default=10, help="shots of the callback rows")
-    parser.add_argument("--max-epochs", type=int, default=20, help="the Trainer's max_epochs (a cap)")
+    parser.add_argument("--max-epochs", type=int, default=50, help="the Trainer's max_epochs (a cap)")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of original names to run")
     parser.add_argument("--callback-kwargs", type=json.loads, default={})
     parser.add_argument("--module-kwargs", type=json.loads, default={})

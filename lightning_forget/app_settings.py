@@ -189,11 +189,13 @@ def _model_name(model: Mapping[str, Any]) -> str:
 
 
 def _run_setting(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """What the report says a run was: dataset, model, shots and seed."""
+    """What the report says a run was: dataset, model, shots, the method's fraction (where it has one) and seed."""
+    fraction = {"fraction": settings["method"]["fraction"]} if "fraction" in settings["method"] else {}
     return {
         "dataset": settings["dataset"]["_target_"].rsplit(".", 1)[-1],
         "model": _model_name(settings["model"]),
         "shots": settings["forget"]["shots"],
+        **fraction,
         "seed": settings["seed"],
     }
 

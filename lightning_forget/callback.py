@@ -41,10 +41,10 @@ try:  # Lightning >= 2.5
 except ImportError:  # pragma: no cover
     WeightAveraging = None
 
-DEFAULT_FRACTION = 0.2
+DEFAULT_FRACTION = 0.1
 DEFAULT_OBJECTIVE = ForgettingObjective()
 DEFAULT_CRITERION = ForgetCriterion()
-DEFAULT_PATIENCE = 1
+DEFAULT_PATIENCE = 5
 
 
 class ClassForgetting(Callback):
@@ -433,6 +433,8 @@ class ClassForgetting(Callback):
             epochs=trainer.current_epoch,
             shortfalls=shortfalls,
         )
+        for logger in trainer.loggers:  # self.log is not allowed in on_train_end
+            logger.log_metrics({"forget/verdict": float(self.verdict.forgotten)}, step=trainer.global_step)
         if self.verdict.forgotten:
             rank_zero_info(f"ClassForgetting: {self.verdict}")
         else:

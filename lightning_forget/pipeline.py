@@ -25,9 +25,13 @@ from lightning_forget.runs import write_run
 log = logging.getLogger(__name__)
 _DDP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GLOBAL_RANK")
 
-# The verdict: forgotten-class accuracy at most the retrained model's + FORGET_MARGIN, remaining-class
-# accuracy at least the retrained model's - RETAIN_MARGIN (absolute thresholds when there is no retrain row).
-FORGET_MARGIN, RETAIN_MARGIN = 0.05, 0.03
+# The verdict, against the retrained model's row of the same run (absolute forget_acc <= FORGET_MARGIN without
+# one): test accuracy on the forgotten classes at most retrain's + FORGET_MARGIN and on the others at least
+# retrain's - RETAIN_MARGIN; where measured, membership-attack rate at most retrain's + MIA_MARGIN (its
+# seed-to-seed spread on the CPU CIFAR-10 protocol is about 0.07), linear-probe accuracy on the forgotten
+# classes at most retrain's + PROBE_MARGIN, and an Anamnesis Index of at least MIN_ANAMNESIS (the class
+# comes back at least half as slowly as on a model that never saw it).
+FORGET_MARGIN, RETAIN_MARGIN, MIA_MARGIN, PROBE_MARGIN, MIN_ANAMNESIS = 0.05, 0.03, 0.10, 0.10, 0.5
 
 
 @dataclass
@@ -241,16 +245,24 @@ def build_report(method: str, forget_classes: list[int], models: dict[str, dict[
 
 
 def verdict(figures: Mapping[str, Any], retrain: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Whether the model forgot, judged against the retrained model's test figures when there is one."""
-    forget_limit = (retrain["forget_acc"] if retrain else 0.0) + FORGET_MARGIN
-    checks = {"forget_acc": (figures["forget_acc"], forget_limit, figures["forget_acc"] <= forget_limit)}
-    if retrain:
-        retain_floor = retrain["retain_acc"] - RETAIN_MARGIN
-        checks["retain_acc"] = (figures["retain_acc"], retain_floor, figures["retain_acc"] >= retain_floor)
+    """Whether the model forgot: every measured figure against the retrained model's, when there is one."""
+    if not retrain:
+        checks = {"forget_acc": (figures["forget_acc"], "<=", FORGET_MARGIN)}
+    else:
+        checks = {
+            "forget_acc": (figures["forget_acc"], "<=", retrain["forget_acc"] + FORGET_MARGIN),
+            "retain_acc": (figures["retain_acc"], ">=", retrain["retain_acc"] - RETAIN_MARGIN),
+        }
+        for key, margin in (("mia", MIA_MARGIN), ("probe_forget_acc", PROBE_MARGIN)):
+            if figures.get(key) is not None and retrain.get(key) is not None:
+                checks[key] = (figures[key], "<=", retrain[key] + margin)
+        if figures.get("anamnesis_index") is not None:
+            checks["anamnesis_index"] = (figures["anamnesis_index"], ">=", MIN_ANAMNESIS)
+    passed = {k: v <= lim if op == "<=" else v >= lim for k, (v, op, lim) in checks.items()}
     return {
-        "forgotten": all(ok for _, _, ok in checks.values()),
+        "forgotten": all(passed.values()),
         "against": "retrain" if retrain else "absolute thresholds",
-        "checks": {k: {"value": v, "limit": lim, "passed": ok} for k, (v, lim, ok) in checks.items()},
+        "checks": {k: {"value": v, "op": op, "limit": lim, "passed": passed[k]} for k, (v, op, lim) in checks.items()},
     }
 
 

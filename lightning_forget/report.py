@@ -72,8 +72,7 @@ def verdict_line(report: dict[str, Any]) -> str:
     """'Forgotten: yes/no', the checks and what they were compared with."""
     v = report["verdict"]
     checks = "; ".join(
-        f"{name} {c['value']:.4f} {'<=' if name == 'forget_acc' else '>='} {c['limit']:.4f}"
-        f" {'ok' if c['passed'] else 'FAILED'}"
+        f"{name} {c['value']:.4f} {c['op']} {c['limit']:.4f} {'ok' if c['passed'] else 'FAILED'}"
         for name, c in v["checks"].items()
     )
     return f"Forgotten: {'yes' if v['forgotten'] else 'NO'} ({report['method']} against {v['against']}: {checks})."

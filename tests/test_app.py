@@ -326,10 +326,11 @@ def test_default_run_writes_the_report_files_every_model_and_a_verdict(cli):
         assert {"probe_forget_acc", "relearn_steps"} <= set(figures), name
     verdict = report["verdict"]
     assert isinstance(verdict["forgotten"], bool) and verdict["against"] == "retrain"
-    assert set(verdict["checks"]) == {"forget_acc", "retain_acc"}
+    assert {"forget_acc", "retain_acc", "mia", "probe_forget_acc"} <= set(verdict["checks"])
+    assert set(verdict["checks"]) <= {"forget_acc", "retain_acc", "mia", "probe_forget_acc", "anamnesis_index"}
     assert report["models"]["original"]["forget_acc"] > 0.9, "the original must know the class it forgets"
     assert report["models"]["relevance"]["forget_acc"] <= 0.05
-    assert report["setting"] == {"dataset": "digits", "model": "cnn", "shots": 10, "seed": 0}
+    assert report["setting"] == {"dataset": "digits", "model": "cnn", "shots": 10, "fraction": 0.1, "seed": 0}
     for name in REPORT_FILES:
         assert (run.run_dir / name).is_file(), name
     assert (run.run_dir / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

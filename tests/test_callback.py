@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import quiet_trainer, tiny_loader, tiny_net
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from test_gating import UserClassifier
@@ -125,8 +126,8 @@ def test_resume_restores_masks_without_rescoring_and_matches_an_uninterrupted_fi
 
 
 def test_checkpointed_masks_made_with_other_settings_are_refused_naming_both():
-    saved = ClassForgetting([2], fraction=0.1).state_dict()
-    with pytest.raises(ValueError, match=r"forget_classes: checkpoint \[2\], callback \[1\].*fraction: checkpoint 0.1"):
+    saved = ClassForgetting([2], fraction=0.3).state_dict()
+    with pytest.raises(ValueError, match=r"forget_classes: checkpoint \[2\], callback \[1\].*fraction: checkpoint 0.3"):
         ClassForgetting([1]).load_state_dict(saved)
 
 
@@ -192,3 +193,24 @@ def test_the_fit_stops_once_the_classes_stay_forgotten_for_patience_epochs():
         assert callback.verdict.forgotten
         epochs[patience] = trainer.current_epoch
     assert epochs[1] < 60 and epochs[4] == epochs[1] + 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "forgotten"), [({}, 1.0), ({"objective": None}, 0.0)], ids=["default_objective", "own_step"]
+)
+def test_every_fit_ends_with_a_logged_verdict_and_a_warning_naming_the_fix_when_not_forgotten(
+    tmp_path, kwargs, forgotten
+):
+    torch.manual_seed(0)
+    callback = ClassForgetting([1], **kwargs)
+    trainer = quiet_trainer(max_epochs=40, callbacks=[callback], logger=CSVLogger(tmp_path, name="", version=""))
+    module = UserClassifier(lambda p: torch.optim.Adam(p, lr=0.01))
+    if forgotten:
+        trainer.fit(module, tiny_loader())
+    else:  # the user's own cross-entropy step keeps the class: the fit must say so and name the fix
+        with pytest.warns(UserWarning, match=r"Classes \[1\] NOT forgotten.*leave objective at its default"):
+            trainer.fit(module, tiny_loader())
+    assert callback.verdict.forgotten is bool(forgotten)
+    logged = (tmp_path / "metrics.csv").read_text().splitlines()
+    column = logged[0].split(",").index("forget/verdict")
+    assert [float(row.split(",")[column]) for row in logged[1:] if row.split(",")[column]] == [forgotten]

@@ -2,20 +2,46 @@ import re
 from pathlib import Path
 
 import lightning as L
+import torch
+
+from lightning_forget import evaluate_forgetting
+from lightning_forget.data import digits
 
 README = Path(__file__).parents[1] / "README.md"
 
 
-def test_readme_quickstart_forgets_as_it_says(tmp_path, monkeypatch):
-    snippet = re.search(r"## Quickstart\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
+def run_snippet(section: str, tmp_path, monkeypatch) -> dict:
+    snippet = re.search(rf"## {section}\s+.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(snippet, "README quickstart", "exec"), namespace)
+    exec(compile(snippet, f"README {section}", "exec"), namespace)
+    return namespace
+
+
+def test_readme_quickstart_forgets_as_it_says(tmp_path, monkeypatch):
+    namespace = run_snippet("Quickstart", tmp_path, monkeypatch)
     metrics = namespace["trainer"].callback_metrics
     assert isinstance(namespace["trainer"], L.Trainer)
     assert metrics["test/forget_acc"] <= 0.05
     assert metrics["test/retain_acc"] >= 0.95
+    assert namespace["callback"].verdict.forgotten
     assert namespace["callback"].masks, "the callback selected no entries"
+
+
+def test_the_callback_added_to_a_plain_user_trainer_forgets_and_the_weights_come_back_in_the_users_format(
+    tmp_path, monkeypatch
+):
+    namespace = run_snippet("Add it to your own Trainer", tmp_path, monkeypatch)
+    data = digits()
+    after = evaluate_forgetting(namespace["lit"].net, data.train_eval, data.test, [3], 10)
+    assert namespace["forget"].verdict.forgotten
+    assert after["forget_acc"] <= 0.05 and after["retain_acc"] >= 0.9, after
+    restored, lit = namespace["restored"], namespace["lit"]
+    assert type(restored).__name__ == "LitClassifier"
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), lit.state_dict().values()))
+    torch.load(tmp_path / "forgotten.ckpt", weights_only=True)
+    plain = torch.load(tmp_path / "forgotten_net.pt", weights_only=True)
+    assert all(torch.equal(plain[k], v) for k, v in lit.net.state_dict().items())
 
 
 def test_ci_runs_the_readme_test_command():
