@@ -4,7 +4,7 @@
 
 For each model (the small ``cnn`` on 8x8 digits and on 32x32 images, ResNet-18 on 32x32 images)
 it times ``relevance_scores`` (one ``autograd.grad`` per sample) and a ``vmap(grad(functional_call))``
-scorer on the same samples, interleaved in one process, and compares both masks at fraction 0.2
+scorer on the same samples, interleaved in one process, and compares both masks at the default fraction
 with masks from a float64 reference: how many selected entries differ. Prints one line per case.
 """
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from lightning_forget import build_model, relevance_scores, top_fraction_masks
+from lightning_forget.callback import DEFAULT_FRACTION
 from lightning_forget.relevance import eval_mode
 
 
@@ -62,7 +63,7 @@ def main() -> None:
         x, y = torch.randn(args.samples, channels, size, size), torch.arange(args.samples) % 10
         batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, len(x), 32)]
         reference = relevance_scores(copy.deepcopy(model).double(), [(a.double(), b) for a, b in batches], [3])
-        ref_masks = top_fraction_masks({n: s.float() for n, s in reference.items()}, 0.2)
+        ref_masks = top_fraction_masks({n: s.float() for n, s in reference.items()}, DEFAULT_FRACTION)
         for threads in args.threads:
             torch.set_num_threads(threads)
             times: dict[str, list[float]] = {"loop": [], "vmap": []}
@@ -78,8 +79,9 @@ def main() -> None:
             print(
                 f"{name}, {threads} thread(s), {args.samples} samples: loop {loop_t:.2f} s, vmap {vmap_t:.2f} s "
                 f"(vmap {loop_t / vmap_t:.2f}x as fast); selected entries that differ from the float64 reference "
-                f"at fraction 0.2 (of {selected:,}): loop {differing(top_fraction_masks(loop, 0.2), ref_masks)}, "
-                f"vmap {differing(top_fraction_masks(vmapped, 0.2), ref_masks)}",
+                f"at fraction {DEFAULT_FRACTION} (of {selected:,}): "
+                f"loop {differing(top_fraction_masks(loop, DEFAULT_FRACTION), ref_masks)}, "
+                f"vmap {differing(top_fraction_masks(vmapped, DEFAULT_FRACTION), ref_masks)}",
                 flush=True,
             )
 

@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_forget import StepGate, top_fraction_masks, verify
+from lightning_forget import StepGate, build_model, relevance_scores, top_fraction_masks, verify
+from lightning_forget.callback import DEFAULT_FRACTION
 
 
 def test_global_selection_takes_the_top_entries_across_tensors():
@@ -65,3 +68,16 @@ def test_an_optimizer_that_moves_tensors_without_gradient_is_undone_after_every_
     assert verify(net, masks, before).ok
     optimizer.step()  # detached: nothing puts the entries back any more
     assert not verify(net, masks, before).ok
+
+
+def test_masks_from_float32_scores_agree_with_a_float64_reference():
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 3)
+    x, y = torch.randn(40, 3, 32, 32), torch.arange(40) % 10
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]
+    reference = relevance_scores(copy.deepcopy(model).double(), [(a.double(), b) for a, b in batches], [3])
+    expected = top_fraction_masks({n: s.float() for n, s in reference.items()}, DEFAULT_FRACTION)
+    masks = top_fraction_masks(relevance_scores(model, batches, [3]), DEFAULT_FRACTION)
+    selected = sum(int(m.sum()) for m in expected.values())
+    differing = sum(int((masks[n] != expected[n]).sum()) for n in masks)
+    assert differing <= 1e-4 * selected, f"{differing} of {selected} selected entries differ"
