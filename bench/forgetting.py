@@ -1,6 +1,6 @@
 """Benchmark: every forgetting method side by side with retraining, on real CIFAR-10 images.
 
-    python bench/forgetting.py --out bench/results/cpu_1000                      # the CPU protocol
+    python bench/forgetting.py --out bench/results/cifar10_cpu                   # the CPU protocol
     python bench/forgetting.py --methods relevance retrain relevance:fraction=0.05 --seeds 0   # an ablation
 
 For every seed the original model is trained once (or loaded from the model cache); then, for every
@@ -80,7 +80,7 @@ log = logging.getLogger("bench")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="~/.cache/cifar10-jpg", help="folder with train/ and test/ (ImageFolder)")
-    parser.add_argument("--out", default="bench/results/cpu_1000", help="where results.md and results.json go")
+    parser.add_argument("--out", default="bench/results/cifar10_cpu", help="where results.md and results.json go")
     parser.add_argument("--arch", default="cnn", choices=ARCHITECTURES)
     parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (0: all)")
     parser.add_argument("--test-per-class", type=int, default=0, help="class-balanced test subset (0: all)")
