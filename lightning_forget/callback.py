@@ -115,8 +115,12 @@ class ClassForgetting(Callback):
         inputs_targets: BatchFn | None = None,
         logits: LogitsSpec = None,
         seed: int = 0,
+        impair: float = 0.0,
+        impair_noise: float = 0.0,
     ) -> None:
         self.forget_classes = check_forget_classes(forget_classes)
+        self.impair = impair
+        self.impair_noise = impair_noise
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
         if score not in SCORES:
@@ -266,6 +270,8 @@ class ClassForgetting(Callback):
             self._install_objective(pl_module)
         if self._before is None or not (self._restored or same_module):
             self._before = self._measure(trainer, pl_module, forward)
+        if not self._restored and (self.impair or self.impair_noise):
+            _impair(params, self._masks, self.impair, self.impair_noise, self.seed)
         self._restored = False
         # Every parameter is guarded, trainable or not: a callback may unfreeze it later, a hook may write to it.
         self._gate = StepGate(params, self._masks, kept=self._teacher)
@@ -597,6 +603,18 @@ _AT_END = (
     "copying averaged weights)"
 )
 _ON_EXCEPTION = "before the fit stopped on an exception"
+
+
+@torch.no_grad()
+def _impair(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], shrink: float, noise: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in params.items():
+        mask = masks.get(name)
+        if mask is None or not mask.any():
+            continue
+        scale = float(p.float().std()) if p.numel() > 1 else float(p.abs().mean())
+        eps = torch.randn(p.shape, generator=generator).to(p)
+        p.copy_(torch.where(mask, (1 - shrink) * p + noise * scale * eps, p))
 
 
 def _with_frozen(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ import copy
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -350,23 +350,137 @@ def relearn(
     x_all, y_all = _stack(Subset(test, forget_test), device)
     check = torch.randperm(len(forget_test), generator=generator)[:max_eval].to(y_all.device)
     x_check, y_check = x_all[check], y_all[check]
+    result: dict[str, Any] = {"relearn_steps": None, "relearn_target": target}
+
+    def after_step(net: nn.Module, step: int) -> None:
+        # Checked after every step only until reached: the count is all that is needed.
+        if result["relearn_steps"] is None and _accuracy(net, x_check, y_check) >= target:
+            result["relearn_steps"] = step
+
+    def after_epoch(net: nn.Module, epoch: int) -> None:
+        if epoch in (1, epochs):
+            result[f"relearn_acc_{epoch}"] = _accuracy(net, x_all, y_all)
+
+    result["relearn_budget"] = _fine_tune(
+        model,
+        train,
+        generator,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        seed=seed,
+        device=device,
+        progress=progress,
+        desc="Relearning",
+        after_step=after_step,
+        after_epoch=after_epoch,
+    )
+    return result
+
+
+def retain_only_attack(
+    model: nn.Module,
+    train: Dataset,
+    test: Dataset,
+    forget_classes: Sequence[int],
+    num_classes: int,
+    *,
+    epochs: int = 5,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    optimizer: Literal["adam", "sgd"] = "adam",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, float]:
+    """The highest forgotten-class accuracy a copy of ``model`` reaches when fine-tuned on the other classes only.
+
+    A class that was removed cannot come back from other classes' images; a class that is only
+    hidden (dormant in the weights) can, once fine-tuning disturbs what hides it. The copy is
+    trained as in :func:`relearn` on the samples of ``train`` that are not of a forgotten class,
+    and checked (eval mode) on every forgotten-class test image before training and after every
+    epoch. Read it against a retrained model's figure.
+
+    Args:
+        model: a classifier; not modified.
+        train: training images; those of the forgotten classes are left out.
+        test: test images.
+        forget_classes: the forgotten classes.
+        num_classes: number of classes.
+        epochs, batch_size, lr, optimizer, seed, device, progress: as for :func:`relearn`.
+
+    Returns:
+        ``retain_attack_acc``: the highest forgotten-class test accuracy seen after any epoch
+        (it counts the model before training too).
+
+    Raises:
+        ValueError: for invalid classes or settings, no remaining-class samples in ``train``, or
+            no forgotten-class samples in ``test``.
+    """
+    forgotten = check_forget_classes(forget_classes, num_classes)
+    _check_relearn_recipe(epochs, batch_size, lr, optimizer, 1)
+    kept = _indices_of(train, remaining_classes(forgotten, num_classes))
+    if not kept:
+        raise ValueError(f"train has no samples of the classes other than {forgotten}.")
+    forget_test = _indices_of(test, forgotten)
+    if not forget_test:
+        raise ValueError(f"test has no samples of the forgotten classes {forgotten}.")
+    x_all, y_all = _stack(Subset(test, forget_test), device)
+    reached = [_accuracy(model.to(device), x_all, y_all)]
+    _fine_tune(
+        model,
+        Subset(train, kept),
+        torch.Generator().manual_seed(seed),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        seed=seed,
+        device=device,
+        progress=progress,
+        desc="Retain-only attack",
+        after_epoch=lambda net, _epoch: reached.append(_accuracy(net, x_all, y_all)),
+    )
+    return {"retain_attack_acc": max(reached)}
+
+
+def _fine_tune(
+    model: nn.Module,
+    train: Dataset,
+    generator: torch.Generator,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str,
+    seed: int,
+    device: torch.device | str,
+    progress: bool,
+    desc: str,
+    after_step: Callable[[nn.Module, int], None] | None = None,
+    after_epoch: Callable[[nn.Module, int], None] | None = None,
+) -> int:
+    """Fine-tune a deep copy of ``model`` (every parameter, train mode, cross-entropy); returns the step budget.
+
+    ``after_step(copy, step)`` runs before the first step (step 0) and after every step,
+    ``after_epoch(copy, epoch)`` after every epoch.
+    """
     loader = DataLoader(
         train, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(train) > batch_size
     )
     budget = epochs * len(loader)
-
     net = copy.deepcopy(model).to(device).requires_grad_(True)
     params = list(net.parameters())
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
-    result: dict[str, Any] = {"relearn_steps": None, "relearn_budget": budget, "relearn_target": target}
     # The global RNG is forked so that dropout and the like are seeded without touching the caller's.
     with (
         torch.random.fork_rng(devices=_cuda_indices(device)),
-        tqdm(total=budget, desc="Relearning", leave=False, disable=not progress) as bar,
+        tqdm(total=budget, desc=desc, leave=False, disable=not progress) as bar,
     ):
         torch.manual_seed(seed)
-        if _accuracy(net, x_check, y_check) >= target:
-            result["relearn_steps"] = 0
+        if after_step is not None:
+            after_step(net, 0)
         net.train()  # _accuracy switches to eval mode and back
         step = 0
         for epoch in range(1, epochs + 1):
@@ -376,12 +490,11 @@ def relearn(
                 opt.step()
                 step += 1
                 bar.update()
-                # Checked after every step only until reached: the count is all that is needed.
-                if result["relearn_steps"] is None and _accuracy(net, x_check, y_check) >= target:
-                    result["relearn_steps"] = step
-            if epoch in (1, epochs):
-                result[f"relearn_acc_{epoch}"] = _accuracy(net, x_all, y_all)
-    return result
+                if after_step is not None:
+                    after_step(net, step)
+            if after_epoch is not None:
+                after_epoch(net, epoch)
+    return budget
 
 
 def anamnesis_index(unlearned: Mapping[str, Any], retrained: Mapping[str, Any]) -> float | None:
@@ -482,7 +595,8 @@ def integrity_evidence(
         original: the model before forgetting: adds ``distance_l2`` and ``changed_fraction``,
             and sets the relearn target when the settings leave it ``None``.
         probe: run :func:`linear_probe` with these settings; ``None`` skips it.
-        relearn_settings: run :func:`relearn` with these settings; ``None`` skips it.
+        relearn_settings: run :func:`relearn`, and :func:`retain_only_attack` on the same
+            images' remaining classes, with these settings; ``None`` skips both.
         exclude_indices: indices of ``train`` never drawn (the few-shot samples).
         batch_size: evaluation batch size.
         device: where to run the models.
@@ -536,6 +650,20 @@ def integrity_evidence(
                 lr=s.lr,
                 optimizer=s.optimizer,
                 max_eval=s.max_eval,
+                seed=s.seed,
+                device=device,
+                progress=progress,
+            )
+        )
+        recipe = {"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "optimizer": s.optimizer}
+        figures.update(
+            retain_only_attack(
+                model,
+                relearn_train,
+                test,
+                forgotten,
+                num_classes,
+                **recipe,
                 seed=s.seed,
                 device=device,
                 progress=progress,
@@ -644,5 +772,6 @@ __all__ = [
     "linear_probe",
     "penultimate_features",
     "relearn",
+    "retain_only_attack",
     "weight_distance",
 ]

@@ -1,4 +1,6 @@
+import json
 import logging
+import os
 import warnings
 
 import lightning as L
@@ -6,6 +8,25 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# The seed of every test that asserts a training result; bench/ci_stability.py runs them over several.
+TEST_SEED = int(os.environ.get("LF_TEST_SEED", "0"))
+
+
+def bound(name: str, value: float, op: str, limit: float) -> None:
+    """Assert ``value op limit`` for a figure a training produced.
+
+    With ``LF_BOUNDS_LOG`` set, every check is also appended there (one JSON line), so that
+    ``bench/ci_stability.py`` can print each bound beside the spread it saw over seeds and threads.
+    """
+    assert op in ("<=", ">=", "<", ">"), op
+    log = os.environ.get("LF_BOUNDS_LOG")
+    if log:
+        record = {"bound": name, "value": float(value), "op": op, "limit": float(limit), "seed": TEST_SEED}
+        with open(log, "a") as file:
+            file.write(json.dumps(record) + "\n")
+    holds = {"<=": value <= limit, ">=": value >= limit, "<": value < limit, ">": value > limit}[op]
+    assert holds, f"{name}: {value} is not {op} {limit}"
 
 
 @pytest.fixture(autouse=True)

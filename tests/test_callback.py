@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import quiet_trainer, tiny_loader, tiny_net
+from conftest import TEST_SEED, quiet_trainer, tiny_loader, tiny_net
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
@@ -49,7 +49,7 @@ def test_given_scoring_data_is_used_for_a_fit_without_forgotten_samples():
     loader = tiny_loader()
     retain_x, retain_y = zip(*[(x, y) for x, y in loader.dataset if y != 1])
     retain_only = DataLoader(TensorDataset(torch.stack(retain_x), torch.stack(retain_y)), batch_size=8)
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     module = UserClassifier()
     expected = top_fraction_masks(relevance_scores(copy.deepcopy(module), loader, [1]), 0.1)
     callback = ClassForgetting([1], fraction=0.1, scoring_data=loader)
@@ -68,7 +68,7 @@ def test_every_score_selects_the_requested_fraction(score):
 
 
 def test_ratio_score_prefers_the_forgotten_class_output_row():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     module = UserClassifier()
     scores = relevance_scores(module, tiny_loader(), [1])
     head = scores["net.7.weight"]  # (4 classes, 16 features)
@@ -77,7 +77,7 @@ def test_ratio_score_prefers_the_forgotten_class_output_row():
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_batchnorm_statistics_frozen_or_updated_as_configured(freeze):
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     module = UserClassifier()
     bn = module.net[1]
     before = bn.running_mean.clone(), int(bn.num_batches_tracked)
@@ -89,7 +89,7 @@ def test_batchnorm_statistics_frozen_or_updated_as_configured(freeze):
 
 
 def test_scoring_leaves_batchnorm_statistics_untouched():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     module = UserClassifier()
     state = copy.deepcopy(module.state_dict())
     relevance_scores(module.train(), tiny_loader(), [1])
@@ -99,7 +99,7 @@ def test_scoring_leaves_batchnorm_statistics_untouched():
 
 def test_resume_restores_masks_without_rescoring_and_matches_an_uninterrupted_fit(tmp_path, monkeypatch):
     def run(max_epochs, ckpt_path=None, callbacks=()):
-        torch.manual_seed(0)
+        torch.manual_seed(TEST_SEED)
         net = tiny_net()
         module = ForgettingModule(net, [1], 4, lr=0.05)
         callback = ClassForgetting([1], fraction=0.1)
@@ -146,7 +146,7 @@ def test_unsupported_strategies_are_refused_at_setup(strategy, message):
 
 
 def test_a_diverging_fit_stops_with_the_cause_and_leaves_the_weights_as_they_started():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     module = UserClassifier(lambda p: torch.optim.SGD(p, lr=1e30))
     before = copy.deepcopy(module.state_dict())
     with pytest.raises(FloatingPointError, match=r"SGD\(lr=1e\+30\).*diverged.*Lower the learning rate"):
@@ -186,7 +186,7 @@ def test_every_sample_is_scored_even_when_the_training_loader_drops_its_last_bat
 def test_the_fit_stops_once_the_classes_stay_forgotten_for_patience_epochs():
     epochs = {}
     for patience in (1, 4):
-        torch.manual_seed(0)
+        torch.manual_seed(TEST_SEED)
         callback = ClassForgetting([1], patience=patience)
         trainer = quiet_trainer(max_epochs=60, callbacks=[callback])
         trainer.fit(ForgettingModule(tiny_net(), [1], 4, lr=0.05), tiny_loader())
@@ -201,7 +201,7 @@ def test_the_fit_stops_once_the_classes_stay_forgotten_for_patience_epochs():
 def test_every_fit_ends_with_a_logged_verdict_and_a_warning_naming_the_fix_when_not_forgotten(
     tmp_path, kwargs, forgotten
 ):
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     callback = ClassForgetting([1], **kwargs)
     trainer = quiet_trainer(max_epochs=40, callbacks=[callback], logger=CSVLogger(tmp_path, name="", version=""))
     module = UserClassifier(lambda p: torch.optim.Adam(p, lr=0.01))

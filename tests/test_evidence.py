@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_net
+from conftest import TEST_SEED, bound, tiny_net
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -19,6 +19,7 @@ from lightning_forget.evidence import (
     linear_probe,
     penultimate_features,
     relearn,
+    retain_only_attack,
     weight_distance,
 )
 
@@ -45,20 +46,20 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(data):
-    torch.manual_seed(0)
-    return _train(build_model("cnn", 10, 1), data.train)
+    torch.manual_seed(TEST_SEED)
+    return _train(build_model("cnn", 10, 1), data.train, seed=TEST_SEED)
 
 
 @pytest.fixture(scope="module")
 def retrained(data):
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     kept = [i for i, y in enumerate(data.train.targets.tolist()) if y not in FORGET]
-    return _train(build_model("cnn", 10, 1), Subset(data.train, kept))
+    return _train(build_model("cnn", 10, 1), Subset(data.train, kept), seed=TEST_SEED)
 
 
 @pytest.fixture(scope="module")
 def few_shot(data):
-    return few_shot_subset(data.train, 10, seed=0)
+    return few_shot_subset(data.train, 10, seed=TEST_SEED)
 
 
 def _forget_acc(model: nn.Module, dataset) -> float:
@@ -181,11 +182,11 @@ def test_draw_per_class_says_when_too_few_samples_are_left(data):
 def test_probe_finds_a_class_that_only_the_head_suppresses(data, trained, few_shot):
     suppressed = _suppress_head(trained)
     before = _state(suppressed)
-    assert _forget_acc(trained, data.test) > 0.9
+    bound("evidence/trained_forget_acc", _forget_acc(trained, data.test), ">", 0.9)
     assert _forget_acc(suppressed, data.test) == 0.0
     probe_set = draw_per_class(data.train, 5, exclude=few_shot.indices)
     probe = linear_probe(suppressed, probe_set, data.test, FORGET, 10)
-    assert probe["probe_forget_acc"] > 0.9  # the features still hold the class
+    bound("evidence/probe_of_suppressed", probe["probe_forget_acc"], ">", 0.9)  # the features still hold the class
     assert probe == linear_probe(trained, probe_set, data.test, FORGET, 10)  # the head does not matter
     _assert_same_state(suppressed, before)
 
@@ -195,8 +196,12 @@ def test_probe_on_random_features_is_much_lower(data, trained, few_shot):
     torch.manual_seed(0)
     untrained = linear_probe(build_model("cnn", 10, 1), probe_set, data.test, FORGET, 10)
     learnt = linear_probe(trained, probe_set, data.test, FORGET, 10)
-    assert untrained["probe_forget_acc"] < learnt["probe_forget_acc"] - 0.15
-    assert untrained["probe_retain_acc"] < learnt["probe_retain_acc"] - 0.05
+    bound(
+        "evidence/probe_forget_gain_of_training", learnt["probe_forget_acc"] - untrained["probe_forget_acc"], ">", 0.15
+    )
+    bound(
+        "evidence/probe_retain_gain_of_training", learnt["probe_retain_acc"] - untrained["probe_retain_acc"], ">", 0.05
+    )
 
 
 def test_probe_is_refused_without_every_class_in_its_training_set(data, trained):
@@ -219,11 +224,13 @@ def test_relearn_brings_a_head_suppressed_class_back_in_few_steps(data, trained,
     assert not suppressed.training
     reference = relearn(retrained, relearn_set, data.test, FORGET, 10, target=target, progress=False)
     assert hidden["relearn_budget"] == reference["relearn_budget"] == 5 * (200 // 16)
-    assert hidden["relearn_steps"] is not None and hidden["relearn_steps"] <= 10
-    assert reference["relearn_steps"] is None or reference["relearn_steps"] > 2 * hidden["relearn_steps"]
-    assert hidden["relearn_acc_1"] > 0.5 and reference["relearn_acc_1"] < hidden["relearn_acc_1"]
+    assert hidden["relearn_steps"] is not None
+    bound("evidence/hidden_relearn_steps", hidden["relearn_steps"], "<=", 10)
+    bound("evidence/hidden_relearn_acc_1", hidden["relearn_acc_1"], ">", 0.5)
+    bound("evidence/relearn_acc_1_gap", hidden["relearn_acc_1"] - reference["relearn_acc_1"], ">", 0)
     index = anamnesis_index(hidden, reference)
-    assert index is not None and index < 0.5
+    assert index is not None
+    bound("evidence/hidden_anamnesis_index", index, "<", 0.5)
 
 
 def test_relearn_is_reproducible_with_a_seed_and_leaves_the_global_rng_alone(data, trained, few_shot):
@@ -245,6 +252,39 @@ def test_relearn_reports_none_when_the_target_is_not_reached(data, retrained, fe
     result = relearn(retrained, relearn_set, data.test, FORGET, 10, target=1.0, epochs=1, lr=1e-6, progress=False)
     assert result["relearn_steps"] is None and result["relearn_budget"] == 50 // 16
     assert result["relearn_acc_1"] < 0.5
+
+
+def test_the_retain_only_attack_never_trains_on_the_forgotten_classes_and_leaves_the_model_alone(
+    data, trained, few_shot, monkeypatch
+):
+    seen = []
+    real_cross_entropy = F.cross_entropy
+
+    def spying(logits, targets, *args, **kwargs):
+        seen.extend(targets.tolist())
+        return real_cross_entropy(logits, targets, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spying)
+    suppressed = _suppress_just_enough(trained, data.test)
+    before = _state(suppressed)
+    attack_set = draw_per_class(data.train, 5, exclude=few_shot.indices)
+    result = retain_only_attack(suppressed, attack_set, data.test, FORGET, 10, epochs=2, progress=False)
+    _assert_same_state(suppressed, before)
+    assert seen and FORGET[0] not in seen
+    assert set(result) == {"retain_attack_acc"} and 0.0 <= result["retain_attack_acc"] <= 1.0
+    # It counts the model before any step: a model that still knows the class scores at least that.
+    assert (
+        retain_only_attack(trained, attack_set, data.test, FORGET, 10, epochs=1, progress=False)["retain_attack_acc"]
+        >= _forget_acc(trained, data.test) - 1e-6
+    )
+
+
+def test_the_retain_only_attack_refuses_data_without_what_it_needs(data, trained):
+    nines = Subset(data.train, (data.train.targets == 9).nonzero().squeeze(1).tolist())
+    with pytest.raises(ValueError, match="no samples of the classes other than"):
+        retain_only_attack(trained, nines, data.test, FORGET, 10, progress=False)
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        retain_only_attack(trained, data.train, data.test, FORGET, 10, epochs=0, progress=False)
 
 
 def test_relearn_validates_its_arguments(data, trained):
@@ -317,9 +357,11 @@ def test_evaluate_forgetting_adds_the_evidence_and_keeps_its_figures(data, train
     )
     _assert_same_state(suppressed, before)
     assert {k: full[k] for k in plain} == plain
-    assert full["forget_acc"] == 0.0 and full["probe_forget_acc"] > 0.9
+    assert full["forget_acc"] == 0.0
+    bound("evidence/evaluate_probe_of_suppressed", full["probe_forget_acc"], ">", 0.9)
     assert full["relearn_target"] == pytest.approx(_forget_acc(trained, data.test) / 2)
-    assert full["relearn_steps"] is not None and full["relearn_acc_2"] > 0.5
+    assert full["relearn_steps"] is not None
+    bound("evidence/evaluate_relearn_acc_2", full["relearn_acc_2"], ">", 0.5)
     assert full["changed_fraction"] == pytest.approx(1 / sum(p.numel() for p in trained.parameters()))
     shift = float((trained[-1].bias - suppressed[-1].bias)[FORGET[0]].detach())
     norm = float(torch.cat([p.detach().flatten() for p in trained.parameters()]).double().norm())
@@ -334,6 +376,7 @@ def test_evaluate_forgetting_adds_the_evidence_and_keeps_its_figures(data, train
         "relearn_steps",
         "relearn_budget",
         "relearn_target",
+        "retain_attack_acc",
     }
 
 

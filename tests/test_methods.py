@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
+import torch.nn.functional as F
+from conftest import TEST_SEED, bound, quiet_trainer
 from hydra import compose, initialize
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
@@ -46,10 +47,10 @@ def data():
 
 @pytest.fixture(scope="module")
 def task(data) -> ForgettingTask:
-    L.seed_everything(0, verbose=False)
+    L.seed_everything(TEST_SEED, verbose=False)
     net = build_model("cnn", 10, 1)
     quiet_trainer(max_epochs=15).fit(ClassifierModule(net, 10), DataLoader(data.train, batch_size=64, shuffle=True))
-    few = few_shot_subset(data.train, 10, seed=0)
+    few = few_shot_subset(data.train, 10, seed=TEST_SEED)
     recipe = Recipe(epochs=15, batch_size=64)
     return ForgettingTask(net, partial(build_model, "cnn", 10, 1), data.train, few, FORGET, 10, recipe)
 
@@ -75,30 +76,69 @@ def test_the_app_defaults_of_ours_are_the_library_defaults():
     assert from_config.recipe == library.recipe
 
 
-# Settings that forget on 10-shot digits within seconds; the published few-shot recipes of DELETE and gradient
-# ascent take 20 and 5 steps at lr 1e-4 and do not (the comparison reports that).
-FORGETTING = {
+# Ours, its ablations and retraining must forget on digits. Bounds: outside the spread that bench/ci_stability.py
+# measured over seeds 0-4 at 1 and 2 threads (bench/results/ci_stability/results.md).
+OURS = {
     "relevance": Relevance(),
     "finetune": Relevance(fraction=1.0),
     "head_only": Relevance(fraction=1.0, layers="head"),
-    "delete": Delete(Recipe(epochs=50, batch_size=128, optimizer="sgd", lr=0.01)),  # lr 0.05 collapses classes 0, 1
-    "ssd_full": SelectiveSynapticDampening(data="full"),
-    "salun": SalUn(),
-    "gradient_ascent": GradientAscent(Recipe(epochs=5, batch_size=128, optimizer="sgd", lr=0.01)),
-    "random_label": RandomLabel(),
     "retrain": Retrain(),
 }
 
 
-@pytest.mark.parametrize("name", list(FORGETTING))
-def test_each_method_forgets_on_digits_and_leaves_the_original_alone(task, data, name):
+@pytest.mark.parametrize("name", list(OURS))
+def test_ours_and_retraining_forget_on_digits_and_leave_the_original_alone(task, data, name):
     original_state = copy.deepcopy(task.original.state_dict())
-    L.seed_everything(0, verbose=False)
-    outcome = FORGETTING[name].run(task, quiet_trainer)
+    L.seed_everything(TEST_SEED, verbose=False)
+    outcome = OURS[name].run(task, quiet_trainer)
     after = evaluate_forgetting(outcome.model, data.train_eval, data.test, FORGET, 10)
-    assert after["forget_acc"] <= 0.1, after
-    if name != "ssd_full":  # at the published alpha/lambda SSD collapses this CNN's other classes too (reported)
-        assert after["retain_acc"] >= 0.5, after
+    bound(f"methods/{name}/forget_acc", after["forget_acc"], "<=", 0.05)
+    bound(f"methods/{name}/retain_acc", after["retain_acc"], ">=", 0.9)
+    assert outcome.seconds > 0 and outcome.samples > 0
+    assert all(torch.equal(original_state[k], v) for k, v in task.original.state_dict().items())
+
+
+def _delete_loss(model, original, x):
+    """DELETE's own objective on forget samples: KL to the original's softmax with the forgotten class masked."""
+    with torch.no_grad():
+        target = F.softmax(original.eval()(x).masked_fill(torch.arange(10) == FORGET[0], float("-inf")), -1)
+        return float(F.kl_div(F.log_softmax(model.eval()(x), -1), target, reduction="batchmean"))
+
+
+def _forget_ce(model, original, x):
+    """Cross-entropy of the forget samples to their own label: what ascent, random labels, SalUn and SSD raise."""
+    with torch.no_grad():
+        return float(F.cross_entropy(model.eval()(x), torch.full((len(x),), FORGET[0])))
+
+
+# Each peer as its paper describes it: the loss it optimises on the forget samples moves the way the paper says.
+# The recipes are faster than the published ones (which take 5-20 steps at lr 1e-4 and barely move a model in a
+# test); test_peer_configs_carry_the_published_hyperparameters checks those. The ratio bounds sit outside the
+# spread measured by bench/ci_stability.py.
+PEERS = {
+    "delete": (Delete(Recipe(epochs=50, batch_size=128, optimizer="sgd", lr=0.01)), _delete_loss, "<=", 0.5),
+    "gradient_ascent": (
+        GradientAscent(Recipe(epochs=5, batch_size=128, optimizer="sgd", lr=0.01)),
+        _forget_ce,
+        ">=",
+        2,
+    ),
+    "random_label": (RandomLabel(), _forget_ce, ">=", 2),
+    "salun": (SalUn(), _forget_ce, ">=", 2),
+    "ssd_full": (SelectiveSynapticDampening(data="full"), _forget_ce, ">=", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_each_peer_moves_its_own_loss_on_the_forget_samples_the_way_its_paper_says(task, name):
+    method, loss, op, ratio = PEERS[name]
+    original_state = copy.deepcopy(task.original.state_dict())
+    x = torch.stack([task.few_shot[i][0] for i in range(len(task.few_shot)) if task.few_shot[i][1] == FORGET[0]])
+    before = loss(copy.deepcopy(task.original), task.original, x)
+    L.seed_everything(TEST_SEED, verbose=False)
+    outcome = method.run(task, quiet_trainer)
+    after = loss(outcome.model, copy.deepcopy(task.original), x)
+    bound(f"peers/{name}/loss_after_over_before", after / before, op, ratio)
     assert outcome.seconds > 0 and outcome.samples > 0
     assert all(torch.equal(original_state[k], v) for k, v in task.original.state_dict().items())
 

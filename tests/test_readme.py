@@ -3,6 +3,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from conftest import TEST_SEED, bound
 
 from lightning_forget import evaluate_forgetting
 from lightning_forget.data import digits
@@ -12,6 +13,10 @@ README = Path(__file__).parents[1] / "README.md"
 
 def run_snippet(section: str, tmp_path, monkeypatch) -> dict:
     snippet = re.search(rf"## {section}\s+.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    # The snippet as written, at the seed bench/ci_stability.py asks for (0 by default: the README's own).
+    snippet = snippet.replace("seed_everything(0)", f"seed_everything({TEST_SEED})").replace(
+        "seed=0", f"seed={TEST_SEED}"
+    )
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(snippet, f"README {section}", "exec"), namespace)
@@ -22,8 +27,9 @@ def test_readme_quickstart_forgets_as_it_says(tmp_path, monkeypatch):
     namespace = run_snippet("Quickstart", tmp_path, monkeypatch)
     metrics = namespace["trainer"].callback_metrics
     assert isinstance(namespace["trainer"], L.Trainer)
-    assert metrics["test/forget_acc"] <= 0.05
-    assert metrics["test/retain_acc"] >= 0.95
+    # Bounds: the README's claims, outside the spread measured by bench/ci_stability.py.
+    bound("readme/quickstart/forget_acc", float(metrics["test/forget_acc"]), "<=", 0.05)
+    bound("readme/quickstart/retain_acc", float(metrics["test/retain_acc"]), ">=", 0.95)
     assert namespace["callback"].verdict.forgotten
     assert namespace["callback"].masks, "the callback selected no entries"
 
@@ -35,7 +41,8 @@ def test_the_callback_added_to_a_plain_user_trainer_forgets_and_the_weights_come
     data = digits()
     after = evaluate_forgetting(namespace["lit"].net, data.train_eval, data.test, [3], 10)
     assert namespace["forget"].verdict.forgotten
-    assert after["forget_acc"] <= 0.05 and after["retain_acc"] >= 0.9, after
+    bound("readme/own_trainer/forget_acc", after["forget_acc"], "<=", 0.05)
+    bound("readme/own_trainer/retain_acc", after["retain_acc"], ">=", 0.9)
     restored, lit = namespace["restored"], namespace["lit"]
     assert type(restored).__name__ == "LitClassifier"
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), lit.state_dict().values()))
