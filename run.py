@@ -9,6 +9,7 @@ evaluates and writes report.json, report.md, per_class_accuracy.png and forgotte
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import sys
 from functools import partial
@@ -33,7 +34,7 @@ from lightning_forget.console import progress_wanted, quiet_console
 from lightning_forget.methods import ForgettingMethod, TrainerFactory
 from lightning_forget.pipeline import compare_and_report
 from lightning_forget.report import write_sweep_summary
-from lightning_forget.runs import SWEEP_CLAIM, claim, give_back, load_line
+from lightning_forget.runs import SWEEP_CLAIM, claim, give_back, load_line, release
 from lightning_forget.settings import SettingError, check_value, locate
 
 METHODS = sorted(p.stem for p in (Path(__file__).parent / "conf" / "method").glob("*.yaml"))
@@ -42,10 +43,15 @@ ONE_DEVICE = {"devices": 1, "strategy": "auto"}
 # What the checks before any training raise (SettingError is a ValueError).
 REFUSED = (ValueError, TypeError, OSError, MisconfigurationException, HydraException, OmegaConfBaseException)
 _SWEEP_CLAIMED: list[Path] = []  # the sweep folder this process claimed, given back if its first run is refused
+log = logging.getLogger("run")
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    """The Hydra task: check every setting, claim the run folder, build, then train, evaluate and report."""
+    """The Hydra task: check every setting, claim the run folder, build, then train, evaluate and report.
+
+    A run that ends before its report (Ctrl-C, an error) releases its folder; one refused before any work leaves it
+    as it found it.
+    """
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     rank_zero = rank_zero_only.rank == 0  # Lightning re-runs this script for DDP ranks > 0, into the same folder
@@ -60,9 +66,21 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         if claimed:
             give_back(out_dir, found)
         _refuse(err)
-    if rank_zero:
-        record_config(cfg, out_dir)
-    return compare_and_report(**run)
+    except BaseException:  # interrupted (Ctrl-C) before any work: the folder as it was
+        if claimed:
+            give_back(out_dir, found)
+        raise
+    try:
+        if rank_zero:
+            record_config(cfg, out_dir)
+        return compare_and_report(**run)
+    except BaseException as err:  # interrupted (Ctrl-C: Lightning exits 1 from a fit) or failed: no report
+        if claimed:
+            release(out_dir)
+            log.warning("Stopped before the report: %s is released, a run into it starts over.", out_dir)
+        if isinstance(err, KeyboardInterrupt):
+            raise SystemExit(130) from None  # the shell's code for Ctrl-C, without a traceback
+        raise
 
 
 def check_config(cfg: DictConfig, method_name: str, multirun: bool = False) -> dict[str, Any]:

@@ -42,7 +42,9 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_forget import (
     ClassForgetting,
+    ForgetCriterion,
     ForgettingModule,
+    ForgettingObjective,
     ProbeSettings,
     RelearnSettings,
     evaluate_forgetting,
@@ -134,7 +136,12 @@ def forget(original: nn.Module, case: Case, data: Data, variant: dict, shots: in
     net = copy.deepcopy(original)
     few = few_shot_subset(data.train, shots, seed=seed)
     L.seed_everything(seed, verbose=False)
-    callback = ClassForgetting(list(case.classes), **variant.get("callback", {}))
+    settings = dict(variant.get("callback", {}))
+    if "objective" in settings:
+        settings["objective"] = ForgettingObjective(**settings["objective"])
+    if "criterion" in settings:
+        settings["criterion"] = ForgetCriterion(**settings["criterion"])
+    callback = ClassForgetting(list(case.classes), **settings)
     if variant.get("stack", "wrapper") == "wrapper":
         module: L.LightningModule = ForgettingModule(
             net, list(case.classes), data.num_classes, **variant.get("module", {})

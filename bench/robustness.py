@@ -269,6 +269,7 @@ def forget(
         "seconds": seconds,
         "epochs": trainer.current_epoch,
         "verdict_forgotten": None if verdict is None else verdict.forgotten,
+        "verdict_judged": None if verdict is None else verdict.judged,
     }
 
 
@@ -362,12 +363,25 @@ def line(r: dict[str, Any]) -> str:
         cell += f" seed {r['seed']}"
         return f"FAIL {cell}: {r['error'][:300]}"
     verdict = {None: "-", True: "forgotten", False: "NOT forgotten"}[r["verdict_forgotten"]]
+    if r.get("verdict_judged") is False:
+        verdict = "not judged"
     return (
         f"{'PASS' if r['passed'] else 'FAIL'} {r['original']:<32} {r['stack']:<8} classes {r['classes']!s:<10} "
         f"shots {r['shots']:>2} seed {r['seed']}: forget {r['original_forget_acc']:.3f}->{r['forget_acc']:.3f} "
         f"retain {r['original_retain_acc']:.3f}->{r['retain_acc']:.3f} {r['epochs']:>3} ep {r['seconds']:5.1f}s "
         f"verdict {verdict}"
     )
+
+
+def verdict_quality(cells: list[dict[str, Any]]) -> str:
+    """How far the fit's own verdict can be trusted: precision and recall of its "forgotten" against the test set."""
+    said = [r for r in cells if r["verdict_forgotten"]]
+    passed = [r for r in cells if r["passed"]]
+    right = [r for r in said if r["passed"]]
+    unjudged = sum(1 for r in cells if r.get("verdict_judged") is False)
+    precision = f"{len(right)}/{len(said)} = {len(right) / len(said):.0%}" if said else "- (never said forgotten)"
+    recall = f"{len(right)}/{len(passed)} = {len(right) / len(passed):.0%}" if passed else "- (no cell passed)"
+    return f"Verdict precision {precision}, recall {recall}, not judged {unjudged}."
 
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -398,7 +412,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             sel = [r for r in rows if r["stack"] == stack and r["shots"] == shots]
             lines.append(
                 f"**{stack}, {shots} shots: {sum(r['passed'] for r in sel)} of {len(sel)} cells pass "
-                f"({sum(r['passed'] for r in sel) / len(sel):.0%}).**"
+                f"({sum(r['passed'] for r in sel) / len(sel):.0%}).** {verdict_quality(sel)}"
             )
     failing = [r for r in rows if not r["passed"]]
     lines += ["", f"Failing cells ({len(failing)}):", ""] + [f"- `{line(r)}`" for r in failing]

@@ -15,13 +15,16 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
+from torch.utils.data import Subset
 
 from lightning_forget.cache import ModelCache, training_keys
 from lightning_forget.checkpoints import load_checkpoint
 from lightning_forget.classes import resolve_classes
 from lightning_forget.data import ClassificationData, few_shot_subset
+from lightning_forget.evaluable import plan_evidence
 from lightning_forget.evaluation import evaluate_forgetting
 from lightning_forget.evidence import ProbeSettings, RelearnSettings
+from lightning_forget.measurable import evaluate_measured
 from lightning_forget.methods import ForgettingMethod, Recipe
 from lightning_forget.models import check_classifier
 from lightning_forget.settings import AtLeast, SettingError, check_settings, check_value, show
@@ -41,6 +44,8 @@ TRAINER_RANGES = {
     "log_every_n_steps": Annotated[int, AtLeast(1)],
     "gradient_clip_val": Annotated[float, AtLeast(0)] | None,
 }
+# The seeds Lightning's seed_everything (and numpy) take; the evidence's seeds are held to the same range.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -102,6 +107,11 @@ def check_app_settings(settings: Mapping[str, Any], multirun: bool = False) -> N
         name = settings["baselines"]
         raise SettingError(f"baselines={name} is a string: write a list, baselines=[{name}] (or [] for none).")
     check_settings(settings, AppSettings)
+    evidence = {k: settings["eval"][k] or {} for k in ("probe", "relearn")}
+    seeds = {"seed": settings["seed"]} | {f"eval.{k}.seed": v["seed"] for k, v in evidence.items() if "seed" in v}
+    for key, seed in seeds.items():
+        if not 0 <= seed <= MAX_SEED:
+            raise SettingError(f"{key}={seed} is not allowed: expected an integer from 0 to {MAX_SEED}.")
     trainer = settings["trainer"]
     for key, where in APP_OWNED.items():
         if key in trainer:
@@ -166,11 +176,12 @@ def build_run(
     cache = ModelCache(settings["original"]["cache_dir"])
     cache.check_writable()
     keys = training_keys(settings, data, model, one_device)
-    evaluate = _evaluator(settings, data, forget_classes, progress)
+    few_shot = few_shot_subset(data.train, settings["forget"]["shots"], seed=settings["seed"])
+    evaluate, notes = _evaluator(settings, data, forget_classes, progress, few_shot, model)
     return {
         "data": data,
         "forget_classes": forget_classes,
-        "few_shot": few_shot_subset(data.train, settings["forget"]["shots"], seed=settings["seed"]),
+        "few_shot": few_shot,
         "make_model": make_model,
         "recipe": Recipe(**settings["train"]),
         "evaluate": evaluate,
@@ -179,7 +190,7 @@ def build_run(
         "original": original,
         "cache": cache,
         "keys": keys,
-        "about": {"config": settings, "setting": _run_setting(settings)},
+        "about": {"config": settings, "setting": _run_setting(settings)} | ({"eval_notes": notes} if notes else {}),
     }
 
 
@@ -216,15 +227,35 @@ def _load_original(model: nn.Module, original: Mapping[str, Any]) -> nn.Module |
 
 
 def _evaluator(
-    settings: Mapping[str, Any], data: ClassificationData, forget_classes: Sequence[int], progress: bool
-) -> Callable[..., dict[str, Any]]:
+    settings: Mapping[str, Any],
+    data: ClassificationData,
+    forget_classes: Sequence[int],
+    progress: bool,
+    few_shot: Subset,
+    model: nn.Module,
+) -> tuple[Callable[..., dict[str, Any]], list[str]]:
     """:func:`~lightning_forget.evaluate_forgetting` as ``eval.*`` sets it, on ``data``; a model to its figures.
 
+    The probe and relearn sets are fitted to the data first (see :func:`~lightning_forget.evaluable.plan_evidence`):
+    what the data cannot give is reported as not measured.
+
+    Returns:
+        The evaluator, and what was lowered or skipped (one sentence each).
+
     Raises:
-        SettingError: for a device that is not here or evidence settings out of range.
+        SettingError: for a device that is not here, evidence settings out of range, or data or a network that
+            the evaluation cannot measure.
     """
     evaluation = settings["eval"]
-    return partial(
+    plan = plan_evidence(
+        data,
+        forget_classes,
+        few_shot,
+        model,
+        _evidence_settings(ProbeSettings, evaluation["probe"], "eval.probe"),
+        _evidence_settings(RelearnSettings, evaluation["relearn"], "eval.relearn"),
+    )
+    evaluate = partial(
         evaluate_forgetting,
         train=data.train_eval,
         test=data.test,
@@ -234,10 +265,13 @@ def _evaluator(
         seed=settings["seed"],
         batch_size=evaluation["batch_size"],
         device=_device(evaluation["device"]),
-        probe=_evidence_settings(ProbeSettings, evaluation["probe"], "eval.probe"),
-        relearn=_evidence_settings(RelearnSettings, evaluation["relearn"], "eval.relearn"),
+        probe=plan.probe,
+        relearn=plan.relearn,
         progress=progress,
     )
+    if plan.skipped:
+        evaluate = partial(evaluate_measured, evaluate=evaluate, skipped=plan.skipped)
+    return evaluate, plan.notes
 
 
 def _evidence_settings(kind: type, values: dict[str, Any] | None, key: str) -> Any:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelPruning, StochasticWeightAveraging
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+    ModelPruning,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
@@ -23,6 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_forget.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
 from lightning_forget.classes import check_forget_classes
+from lightning_forget.features import captured_inputs, final_linear
+from lightning_forget.holdout import HeldBack, WithoutHeldBack, hold_back, keep_rows
 from lightning_forget.masks import (
     GuaranteeReport,
     ParameterChange,
@@ -41,10 +52,15 @@ try:  # Lightning >= 2.5
 except ImportError:  # pragma: no cover
     WeightAveraging = None
 
+log = logging.getLogger(__name__)
+
 DEFAULT_FRACTION = 0.1
 DEFAULT_OBJECTIVE = ForgettingObjective()
 DEFAULT_CRITERION = ForgetCriterion()
 DEFAULT_PATIENCE = 5
+# What the callback logs with ``self.log`` during a fit (see ClassForgetting's docstring): the keys a monitor can use.
+LOGGED_EACH_STEP = ("forget/loss", "forget/retain", "forget/distill", "forget/forget", "forget/feature")
+LOGGED_EACH_EPOCH = ("forget/samples_forget_acc", "forget/samples_forget_mass", "forget/samples_retain_acc")
 
 
 class ClassForgetting(Callback):
@@ -72,6 +88,44 @@ class ClassForgetting(Callback):
     ``stop_when_forgotten`` the fit stops as soon as it is met (``max_epochs`` is the cap). The
     fit ends with a :class:`~lightning_forget.verdict.Verdict` in :attr:`verdict`, logged, and a
     warning when the classes were not forgotten.
+
+    Logged metrics (``self.log``: loggers, progress bar and monitors see them):
+
+    - ``forget/loss`` (every training step, on the progress bar; only with an ``objective``): the
+      forgetting objective's loss, the value the replaced ``training_step`` returns; lower is better.
+    - ``forget/retain``, ``forget/distill``, ``forget/forget``, ``forget/feature`` (every training
+      step; only with an ``objective``): its unweighted terms (see
+      :class:`~lightning_forget.objective.ForgettingObjective`).
+    - ``forget/samples_forget_acc``, ``forget/samples_forget_mass``, ``forget/samples_retain_acc``
+      (every training epoch end, with or without ``objective``): accuracy on the forgotten-class
+      samples, the probability they give the forgotten classes, and accuracy on the remaining-class
+      samples, measured in eval mode on the forgetting samples. A monitor that reads them before
+      the first epoch end (a validation or a ``ReduceLROnPlateau`` within the epoch) sees the
+      figures measured at fit start.
+    - ``forget/verdict`` (once, when the fit ends; to the loggers only, so no monitor can wait
+      for it): 1 when forgotten, 0 when not, NaN when not judged. Read :attr:`verdict` instead.
+
+    In your stack, with an ``objective`` (the default), what the replaced ``training_step`` logs
+    or returns is never logged or returned:
+
+    - A monitor (``ModelCheckpoint``, ``EarlyStopping``, the ``monitor`` of a ``ReduceLROnPlateau``)
+      may wait for a key above, a key your ``validation_step`` logs (validation is not replaced),
+      or, for ``ModelCheckpoint``, ``epoch`` or ``step``. One that waits for any other key, such as
+      one your ``training_step`` logs, would fail mid-fit: the fit is refused before scoring with
+      one ``MisconfigurationException`` naming each such monitor, its key and the fix. Validation's
+      keys are those the sanity check logs (with ``num_sanity_val_steps=0`` and a monitor on a key
+      of unknown origin, one validation batch runs first to learn them). A key only another
+      training hook or callback logs is refused too, as it cannot be told from one of your
+      ``training_step``'s: log it in validation, or pass ``objective=None``.
+    - A hook that reads ``outputs`` in ``on_train_batch_end`` gets ``{"loss": <the forgetting
+      loss>}``; epoch-end hooks see nothing your ``training_step`` would have collected.
+    - Manual optimization (``automatic_optimization=False``) is refused at setup: pass
+      ``objective=None`` and compute a forgetting loss in your ``training_step``.
+
+    With ``objective=None`` your ``training_step`` runs, logs and returns as always, and monitors
+    are not checked. Either way, trainable parameters with sparse gradients (``nn.Embedding`` or
+    ``nn.EmbeddingBag`` with ``sparse=True``) are refused at fit start, before scoring: build them
+    with ``sparse=False``.
 
     Args:
         forget_classes: class indices to forget.
@@ -117,6 +171,8 @@ class ClassForgetting(Callback):
         seed: int = 0,
         impair: float = 0.0,
         impair_noise: float = 0.0,
+        holdout: int = 1,
+        verdict_data: Iterable[Any] | None = None,
     ) -> None:
         self.forget_classes = check_forget_classes(forget_classes)
         self.impair = impair
@@ -146,7 +202,15 @@ class ClassForgetting(Callback):
         self.freeze_bn_stats = freeze_bn_stats
         self.batch_format = BatchFormat(inputs_targets, logits)
         self.seed = seed
+        if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+            raise ValueError(f"holdout must be an integer >= 0, got {holdout!r}.")
+        self.holdout = holdout
+        self.verdict_data = verdict_data
         self.verdict: Verdict | None = None
+        self._held_back: HeldBack | None = None
+        self._judged_on: tuple[str, Iterable[Any], BatchFormat] | None = None
+        self._not_judged = ""
+        self._before_judged: Evidence | None = None
         self._given = {n: m.bool() for n, m in masks.items()} if masks is not None else None
         self._masks: dict[str, Tensor] = dict(self._given or {})
         self._restored = False
@@ -161,6 +225,8 @@ class ClassForgetting(Callback):
         self._averages: list[AveragedModel] = []
         self._restorations: list[tuple[str, ParameterChange]] = []
         self._warned: set[tuple[str, str]] = set()
+        self._pending_monitors: list[tuple[str, str]] | None = None
+        self._sanity_steps: int | float | None = None
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -246,10 +312,80 @@ class ClassForgetting(Callback):
                     "already limits training to the selected entries."
                 )
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After setup and configure_model, with optimizers and schedulers built; before the sanity check and scoring.
+        _check_sparse(pl_module)
+        self._check_monitors(trainer)
+
+    def _check_monitors(self, trainer: pl.Trainer) -> None:
+        """Refuse the monitors that wait for a key that is not logged once ``training_step`` is replaced."""
+        self._pending_monitors = None
+        if self.objective is None:  # the module's own training_step logs what it always did
+            return
+        unknown = [
+            (name, key)
+            for name, key, callback in _monitors(trainer)
+            if key not in LOGGED_EACH_STEP + LOGGED_EACH_EPOCH
+            and not (key in ("epoch", "step") and isinstance(callback, ModelCheckpoint))
+        ]
+        if not unknown:
+            return
+        if trainer.enable_validation:
+            if trainer.fit_loop.epoch_loop.val_loop.restarting:
+                return  # resumed mid-epoch, no sanity check to learn from: the monitors were checked when the fit began
+            # The keys validation logs are known once the sanity check has run: decide then, still before scoring.
+            self._pending_monitors = unknown
+            if trainer.num_sanity_val_steps == 0:
+                self._sanity_steps, trainer.num_sanity_val_steps = trainer.num_sanity_val_steps, 1
+            return
+        self._refuse_monitors(unknown, None)
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sanity_steps(trainer)
+        if self._pending_monitors is not None:
+            unknown, self._pending_monitors = self._pending_monitors, None
+            validated = sorted(trainer.callback_metrics)
+            self._refuse_monitors([(name, key) for name, key in unknown if key not in validated], validated)
+
+    def _restore_sanity_steps(self, trainer: pl.Trainer) -> None:
+        if self._sanity_steps is not None:
+            trainer.num_sanity_val_steps, self._sanity_steps = self._sanity_steps, None
+
+    def _refuse_monitors(self, unknown: list[tuple[str, str]], validated: list[str] | None) -> None:
+        if not unknown:
+            return
+        validation = f"your validation logs {validated}" if validated is not None else "the fit has no validation"
+        lines = [
+            f"  {name} waits for {key!r}: "
+            + (
+                "it is written to the loggers once the fit has ended, too late for a monitor; read callback.verdict"
+                if key == "forget/verdict"
+                else f"ClassForgetting does not log it and {validation}"
+            )
+            for name, key in unknown
+        ]
+        raise MisconfigurationException(
+            "ClassForgetting replaces your training_step with its forgetting objective for this fit, so what your "
+            "training_step logs is never logged, and these monitors would fail mid-fit:\n"
+            + "\n".join(lines)
+            + f"\nMonitor a key ClassForgetting logs: {', '.join(LOGGED_EACH_STEP)} (each training step; "
+            f"forget/loss is the forgetting loss, mode='min') or {', '.join(LOGGED_EACH_EPOCH)} (each training epoch "
+            "end), or a key your validation_step logs; or pass objective=None to keep your training_step and its keys."
+        )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A monitor may read the epoch-end keys before the first epoch ends (a validation or a ReduceLROnPlateau
+        # within the epoch): it then sees the figures measured at fit start, the latest ones.
+        if self._before is not None:
+            for key, value in _figures(self._before).items():
+                trainer.callback_metrics.setdefault(key, torch.tensor(value))
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
         _check_finite(pl_module)
         self._samples = self._samples_of(trainer)
+        self._sample_format = self.batch_format
+        self._choose_judged_samples()
         forward = _forward_of(trainer, pl_module)
         same_module = self._scored_for is not None and self._scored_for() is pl_module
         if self._masks and (self._restored or same_module or self._given is not None):
@@ -267,9 +403,10 @@ class ClassForgetting(Callback):
         if self.objective is not None:
             if not self._teacher:
                 self._teacher = _snapshot(pl_module)
-            self._install_objective(pl_module)
+            self._install_objective(pl_module, trainer)
         if self._before is None or not (self._restored or same_module):
             self._before = self._measure(trainer, pl_module, forward)
+            self._before_judged = self._measure_judged(trainer, pl_module, forward)
         if not self._restored and (self.impair or self.impair_noise):
             _impair(params, self._masks, self.impair, self.impair_noise, self.seed)
         self._restored = False
@@ -315,7 +452,7 @@ class ClassForgetting(Callback):
             self._samples,
             self.forget_classes,
             self.score,
-            batch_format=self.batch_format,
+            batch_format=self._sample_format,
             forward=forward,
             reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
             seed=self.seed,
@@ -323,34 +460,120 @@ class ClassForgetting(Callback):
         )
         return top_fraction_masks(scores, self.fraction, self.per_tensor)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, forward: Callable) -> Evidence:
+    def _choose_judged_samples(self) -> None:
+        """What the verdict judges: ``verdict_data``, or samples held back from the fit, or nothing (and why)."""
+        self._held_back, self._judged_on, self._not_judged = None, None, ""
+        if self.verdict_data is not None:
+            self._judged_on = ("verdict_data", self.verdict_data, self.batch_format)
+        elif self.objective is None:
+            self._not_judged = (
+                "with objective=None your training_step trains on every sample, so none is held back; pass "
+                "verdict_data= a few images of each class that the fit does not train on"
+            )
+        elif self.holdout == 0:
+            self._not_judged = "holdout=0 keeps no sample out of the fit; pass verdict_data= or holdout >= 1"
+        else:
+            held, why = hold_back(self._samples, self.batch_format, self.holdout, self.seed)
+            if held is None:
+                self._not_judged = why
+                return
+            self._held_back = held
+            self._sample_format = BatchFormat(None, self.batch_format.logits)
+            self._judged_on = ("held-back", held.batches, self._sample_format)
+            self._samples = WithoutHeldBack(self._samples, self.batch_format, held)
+
+    def _measure_judged(self, trainer: pl.Trainer, pl_module: pl.LightningModule, forward: Callable) -> Evidence | None:
+        if self._judged_on is None:
+            return None
+        _, batches, batch_format = self._judged_on
+        return self._measure(trainer, pl_module, forward, batches, batch_format)
+
+    def _measure(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        forward: Callable,
+        batches: Iterable[Any] | None = None,
+        batch_format: BatchFormat | None = None,
+    ) -> Evidence:
         with eval_mode(pl_module):
             return measure(
                 forward,
-                self._samples,
+                self._samples if batches is None else batches,
                 self.forget_classes,
-                batch_format=self.batch_format,
+                batch_format=batch_format or self._sample_format,
                 device=pl_module.device,
                 reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
             )
 
-    def _install_objective(self, pl_module: pl.LightningModule) -> None:
+    def _install_objective(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> None:
         """Replace ``training_step`` for this fit: the objective against the snapshot taken at fit start."""
         objective, teacher, fmt, classes = self.objective, self._teacher, self.batch_format, self.forget_classes
+        head, prototypes = self._feature_targets(pl_module, trainer) if objective.feature_weight else (None, None)
 
-        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Tensor:
+        held = self._held_back
+
+        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Tensor | None:
             inputs, targets = fmt.split(batch)
+            if held is not None:
+                keep = keep_rows(inputs, held.keys)
+                if not keep.all():
+                    held.excluded += int((~keep).sum())
+                    if not keep.any():
+                        return None  # a batch of held-back samples only: no step
+                    inputs, targets = inputs[keep.to(inputs.device)], targets[keep.to(targets.device)]
             with torch.no_grad(), eval_mode(pl_module):
                 teacher_logits = fmt.logits_of(functional_call(pl_module, teacher, (inputs,)))
-            logits = fmt.logits_of(pl_module(inputs))
+            with captured_inputs(head) if head is not None else contextlib.nullcontext([]) as features:
+                logits = fmt.logits_of(pl_module(inputs))
             check_targets(targets, logits.shape[-1])
-            terms = objective(logits, teacher_logits, targets, classes)
+            feature_targets = None
+            if head is not None and len(features) == 1:
+                # The remaining class each sample is renormalised to, among those with a mean feature.
+                known = teacher_logits.float().masked_fill(torch.isnan(prototypes[:, 0]), float("-inf"))
+                known[:, classes] = float("-inf")
+                feature_targets = prototypes[known.argmax(-1)].to(logits.device)
+            terms = objective(
+                logits,
+                teacher_logits,
+                targets,
+                classes,
+                features=features[0] if features else None,
+                feature_targets=feature_targets,
+            )
             pl_module.log_dict({f"forget/{k}": v for k, v in terms.items() if k != "loss"})
             pl_module.log("forget/loss", terms["loss"], prog_bar=True)
             return terms["loss"]
 
         pl_module.training_step = training_step
         self._installed = True
+
+    @torch.no_grad()
+    def _feature_targets(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> tuple[nn.Linear | None, Tensor]:
+        """The final linear layer and, per class, the fit-start model's mean penultimate feature (NaN: no sample)."""
+        fmt, teacher = self.batch_format, self._teacher
+        sums: Tensor | None = None
+        head: nn.Linear | None = None
+        with eval_mode(pl_module):
+            for batch in self._samples:
+                inputs, targets = fmt.split(batch)
+                inputs, targets = inputs.to(pl_module.device), targets.to(pl_module.device)
+                if head is None:
+                    num_classes = fmt.logits_of(functional_call(pl_module, teacher, (inputs,))).shape[-1]
+                    try:
+                        head = final_linear(pl_module, num_classes)[1]
+                    except ValueError as error:
+                        rank_zero_warn(f"ClassForgetting: the objective's feature term is off: {error}")
+                        return None, torch.empty(0)
+                with captured_inputs(head) as captured:
+                    functional_call(pl_module, teacher, (inputs,))
+                features = captured[0].double()
+                if sums is None:
+                    sums = torch.zeros(num_classes, features.shape[1] + 1, dtype=torch.float64, device=features.device)
+                sums.index_add_(0, targets, torch.cat([features, torch.ones_like(features[:, :1])], 1))
+        assert sums is not None
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        return head, (sums[:, :-1] / sums[:, -1:]).float()  # 0/0 = NaN for a class without samples
 
     def _describe_selection(self) -> str:
         rows = self.selection_summary
@@ -417,39 +640,59 @@ class ClassForgetting(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enforce(pl_module, _AFTER_STEP)
         now = self._measure(trainer, pl_module, _forward_of(trainer, pl_module))
-        pl_module.log_dict(
-            {
-                "forget/samples_forget_acc": now.forget_acc,
-                "forget/samples_forget_mass": now.forget_mass,
-                "forget/samples_retain_acc": now.retain_acc,
-            }
-        )
+        pl_module.log_dict(_figures(now))
         self._held = 0 if self.criterion.shortfalls(self._before, now) else self._held + 1
         if self.stop_when_forgotten and self._held >= self.patience:
             trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        after = self._measure(trainer, pl_module, _forward_of(trainer, pl_module))
-        shortfalls = self.criterion.shortfalls(self._before, after)
+        forward = _forward_of(trainer, pl_module)
+        trained = self._measure(trainer, pl_module, forward)
+        after = self._measure_judged(trainer, pl_module, forward)
+        before = self._before_judged
+        not_judged = self._not_judged
+        if not not_judged and self._held_back is not None and self._held_back.excluded == 0:
+            not_judged = (
+                "none of the held-back samples turned up in the training batches, so they may have been trained on "
+                "(inputs converted on the way?); pass verdict_data="
+            )
+        if not not_judged and (after is None or before is None or not after.forget_samples or not after.retain_samples):
+            not_judged = "the judged samples hold no forgotten-class or no remaining-class sample"
+        judged_on = "" if not_judged else self._judged_on[0]
+        if not_judged:
+            # A "no" needs no unseen sample: what falls short on the trained samples falls short anyway.
+            shortfalls = self.criterion.shortfalls(self._before, trained)
+            if shortfalls:
+                before, after, not_judged, judged_on = self._before, trained, "", "trained"
+        else:
+            shortfalls = self.criterion.shortfalls(before, after)
         self.verdict = Verdict(
-            forgotten=not shortfalls,
+            forgotten=not not_judged and not shortfalls,
             forget_classes=self.forget_classes,
-            before=self._before,
-            after=after,
+            before=None if not_judged else before,
+            after=None if not_judged else after,
             epochs=trainer.current_epoch,
             shortfalls=shortfalls,
+            judged_on=judged_on,
+            not_judged=not_judged,
+            trained=trained,
         )
+        outcome = 1.0 if self.verdict.forgotten else (float("nan") if not_judged else 0.0)
         for logger in trainer.loggers:  # self.log is not allowed in on_train_end
-            logger.log_metrics({"forget/verdict": float(self.verdict.forgotten)}, step=trainer.global_step)
-        if self.verdict.forgotten:
-            rank_zero_info(f"ClassForgetting: {self.verdict}")
-        else:
+            logger.log_metrics({"forget/verdict": outcome}, step=trainer.global_step)
+        message = f"ClassForgetting: {self.verdict}"
+        if not self.verdict.forgotten and not not_judged:
             advice = (
                 "raise max_epochs, the learning rate or fraction"
                 if self.objective is not None
                 else "your training_step's loss does not remove the classes: leave objective at its default"
             )
-            rank_zero_warn(f"ClassForgetting: {self.verdict} To forget them: {advice}.")
+            message += f" To forget them: {advice}."
+        # Through logging (seen where warnings are filtered) and, when it is not a yes, as a warning too.
+        if trainer.is_global_zero:
+            log.log(logging.INFO if self.verdict.forgotten else logging.WARNING, message)
+        if not self.verdict.forgotten:
+            rank_zero_warn(message)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -459,10 +702,12 @@ class ClassForgetting(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Teardown runs after every callback's on_train_end and on_fit_end: the last place to catch a write.
+        self._restore_sanity_steps(trainer)
         self._enforce(pl_module, _AT_END)
         self._release(pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sanity_steps(trainer)
         try:
             self._enforce(pl_module, _ON_EXCEPTION)
         except Exception as error:  # the fit's own exception is the one to see
@@ -568,6 +813,8 @@ class ClassForgetting(Callback):
         state: dict[str, Any] = {"masks": {n: m.cpu() for n, m in self._masks.items()}, **self._settings()}
         if self._before is not None:
             state["before"] = dataclasses.asdict(self._before)
+        if self._before_judged is not None:
+            state["before_judged"] = dataclasses.asdict(self._before_judged)
         if self._teacher:
             # The snapshot where the model may have changed since: enough to rebuild it on resume.
             state["teacher"] = {
@@ -586,6 +833,8 @@ class ClassForgetting(Callback):
         self._masks = dict(state_dict["masks"])
         self._teacher = dict(state_dict.get("teacher", {}))
         self._before = Evidence(**state_dict["before"]) if "before" in state_dict else None
+        judged = state_dict.get("before_judged")
+        self._before_judged = Evidence(**judged) if judged is not None else None
         self._restored = True
 
 
@@ -663,6 +912,48 @@ def _check_finite(pl_module: pl.LightningModule) -> None:
         raise ValueError(
             f"The model holds NaN or inf values in {bad[:5]}: forgetting starts from a trained model; load "
             "finite weights."
+        )
+
+
+def _figures(evidence: Evidence) -> dict[str, float]:
+    """The samples' figures under the keys logged at every training epoch end."""
+    values = (evidence.forget_acc, evidence.forget_mass, evidence.retain_acc)
+    return dict(zip(LOGGED_EACH_EPOCH, map(float, values)))
+
+
+def _monitors(trainer: pl.Trainer) -> list[tuple[str, str, object]]:
+    """``(what, key, callback or scheduler)`` for every callback and ReduceLROnPlateau that waits for a logged key."""
+    found: list[tuple[str, str, object]] = [
+        (f"{type(c).__name__}(monitor={c.monitor!r})", c.monitor, c)
+        for c in trainer.callbacks
+        if isinstance(c, (EarlyStopping, ModelCheckpoint)) and isinstance(c.monitor, str)
+    ]
+    for config in trainer.lr_scheduler_configs:
+        if config.reduce_on_plateau and config.monitor:
+            scheduler = config.scheduler
+            name = f"{type(scheduler).__name__} of {type(scheduler.optimizer).__name__} (monitor={config.monitor!r})"
+            found.append((name, config.monitor, scheduler))
+    return found
+
+
+def _check_sparse(pl_module: pl.LightningModule) -> None:
+    """Refuse trainable parameters with sparse gradients: neither scoring nor the gate handles them."""
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    sparse = [
+        f"{names[id(m.weight)]} ({type(m).__name__}(sparse=True))"
+        for m in pl_module.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad
+    ]
+    sparse += [
+        f"{n} (holds a sparse gradient)"
+        for n, p in pl_module.named_parameters()
+        if p.grad is not None and p.grad.is_sparse and not any(s.startswith(f"{n} ") for s in sparse)
+    ]
+    if sparse:
+        raise MisconfigurationException(
+            f"ClassForgetting cannot score or gate sparse gradients, which {', '.join(sparse)} would get. Build "
+            "the embedding with sparse=False (or set module.sparse = False before the fit) and use a dense "
+            "optimizer such as Adam instead of SparseAdam: the weights and the checkpoint stay the same."
         )
 
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from lightning_forget.classes import check_forget_classes
 from lightning_forget.data import dataset_labels
+from lightning_forget.measurable import NotMeasured, add_figures, check_finite, unmeasured
 
 if TYPE_CHECKING:
     from lightning_forget.evidence import ProbeSettings, RelearnSettings
@@ -63,7 +64,11 @@ def membership_inference(member_logits: Tensor, nonmember_logits: Tensor, target
     The attack is a logistic regression on the entropy of the softmax output, trained with
     members (training samples) against non-members (test samples), as in the SSD codebase.
     Lower means forgotten: a model retrained without the target samples scores near 0.
+
+    Raises:
+        NotMeasured: if some logits are not finite (a diverged model): the attack cannot be fitted.
     """
+    check_finite(torch.cat([member_logits, nonmember_logits, target_logits]), "outputs")
     features = [_entropy(t) for t in (member_logits, nonmember_logits, target_logits)]
     x = np.concatenate(features[:2]).reshape(-1, 1)
     y = np.concatenate([np.ones(len(features[0])), np.zeros(len(features[1]))])
@@ -122,7 +127,9 @@ def evaluate_forgetting(
 
     Returns:
         ``forget_acc``, ``retain_acc``, ``forget_train_acc``, ``mia`` (fractions in [0, 1]) and
-        ``per_class_acc`` (a list, one accuracy per class), then the evidence figures asked for.
+        ``per_class_acc`` (a list, one accuracy per class), then the evidence figures asked for. A figure
+        that cannot be measured (a diverged model's ``mia``, a relearn whose original gets none of the
+        forgotten classes right) is ``None``, and ``not_measured`` maps it to why.
 
     Raises:
         ValueError: for invalid classes, ``max_members < 1``, evidence settings of the wrong
@@ -159,13 +166,16 @@ def evaluate_forgetting(
         float((preds[test_targets == c] == c).float().mean()) if (test_targets == c).any() else float("nan")
         for c in range(num_classes)
     ]
-    figures = {
+    figures: dict[str, Any] = {
         "forget_acc": _subset_accuracy(test_logits, test_targets, num_classes, forgotten.tolist()),
         "retain_acc": _subset_accuracy(test_logits, test_targets, num_classes, kept),
         "forget_train_acc": _subset_accuracy(forget_logits, forget_targets, num_classes, forgotten.tolist()),
-        "mia": membership_inference(member_logits, test_logits, forget_logits),
-        "per_class_acc": per_class,
     }
+    try:
+        figures["mia"] = membership_inference(member_logits, test_logits, forget_logits)
+    except NotMeasured as err:
+        add_figures(figures, unmeasured(["mia"], str(err)))
+    figures["per_class_acc"] = per_class
     evidence = integrity_evidence(
         model,
         train,
@@ -180,7 +190,8 @@ def evaluate_forgetting(
         device=device,
         progress=progress,
     )
-    return {**figures, **evidence}
+    add_figures(figures, evidence)
+    return figures
 
 
 def _subset_accuracy(logits: Tensor, targets: Tensor, num_classes: int, classes: list[int]) -> float:

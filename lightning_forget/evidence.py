@@ -35,6 +35,17 @@ from tqdm.auto import tqdm
 from lightning_forget.classes import check_forget_classes, remaining_classes
 from lightning_forget.data import dataset_labels, few_shot_subset
 from lightning_forget.evaluation import SubsetAccuracy, predict_logits
+from lightning_forget.features import captured_inputs, final_linear
+from lightning_forget.measurable import (
+    DISTANCE_FIGURES,
+    PROBE_FIGURES,
+    RETAIN_ATTACK_FIGURES,
+    NotMeasured,
+    add_figures,
+    check_finite,
+    relearn_figures,
+    unmeasured,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,35 +112,6 @@ class RelearnSettings:
             _check_target(self.target)
 
 
-def final_linear(model: nn.Module, num_classes: int, layer: str | None = None) -> tuple[str, nn.Linear]:
-    """The layer that turns penultimate features into logits, and its name.
-
-    Args:
-        model: a classifier.
-        num_classes: number of logits.
-        layer: the layer's name in ``model.named_modules()``; ``None`` takes the only
-            ``nn.Linear`` with ``out_features == num_classes``.
-
-    Raises:
-        ValueError: if ``layer`` is not an ``nn.Linear`` of ``model``, or when ``layer`` is
-            ``None`` and no or several linear layers have ``num_classes`` outputs.
-    """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    described = ", ".join(f"{n!r} ({m.in_features}->{m.out_features})" for n, m in linears.items()) or "none"
-    if layer is not None:
-        if layer not in linears:
-            raise ValueError(f"layer={layer!r} is not an nn.Linear of the model; its linear layers: {described}.")
-        return layer, linears[layer]
-    candidates = [name for name, m in linears.items() if m.out_features == num_classes]
-    if len(candidates) != 1:
-        problem = "No nn.Linear" if not candidates else f"{len(candidates)} nn.Linear layers ({candidates})"
-        raise ValueError(
-            f"{problem} with out_features={num_classes} found, so the final layer is unknown: name it with "
-            f"layer=...; the model's linear layers: {described}."
-        )
-    return candidates[0], linears[candidates[0]]
-
-
 def penultimate_features(
     model: nn.Module,
     dataset: Dataset,
@@ -159,18 +141,14 @@ def penultimate_features(
         RuntimeError: if the layer does not run exactly once per forward pass.
     """
     name, linear = final_linear(model, num_classes, layer)
-    captured: list[Tensor] = []
-    handle = linear.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].flatten(1).float().cpu()))
-    try:
+    with captured_inputs(linear) as captured:
         logits, targets = predict_logits(model, dataset, batch_size, device)
-    finally:
-        handle.remove()
     if sum(len(c) for c in captured) != len(logits):
         raise RuntimeError(
             f"Layer {name!r} saw {sum(len(c) for c in captured)} samples for {len(logits)} model outputs: it is not "
             "called exactly once per forward pass, so its input is not the penultimate feature; name another layer."
         )
-    return torch.cat(captured), targets
+    return torch.cat(captured).float().cpu(), targets
 
 
 def draw_per_class(dataset: Dataset, per_class: int, seed: int = 0, exclude: Sequence[int] = ()) -> Subset:
@@ -248,6 +226,7 @@ def linear_probe(
     Raises:
         ValueError: for invalid classes or settings, a class missing from ``train``, or no test
             samples of the forgotten or of the remaining classes.
+        NotMeasured: if the features are not finite (a diverged model).
     """
     forgotten = check_forget_classes(forget_classes, num_classes)
     kept = remaining_classes(forgotten, num_classes)
@@ -267,6 +246,7 @@ def linear_probe(
     )
     x_train, y_train = features(train)
     x_test, y_test = features(test)
+    check_finite(torch.cat([x_train, x_test]), "penultimate features")
     # lbfgs is deterministic; standardising makes it converge in a few hundred iterations.
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     with warnings.catch_warnings(record=True) as caught:
@@ -547,7 +527,8 @@ def weight_distance(model: nn.Module, original: nn.Module) -> dict[str, float]:
         ``changed_fraction``: the share of parameter entries that differ at all.
 
     Raises:
-        ValueError: if the parameter names or shapes differ, or ``original``'s parameters are all 0.
+        ValueError: if the parameter names or shapes differ.
+        NotMeasured: if ``original``'s parameters are all 0.
     """
     mine, theirs = dict(model.named_parameters()), dict(original.named_parameters())
     if mine.keys() != theirs.keys():
@@ -564,7 +545,7 @@ def weight_distance(model: nn.Module, original: nn.Module) -> dict[str, float]:
         changed += int((p != q).sum())
         total += p.numel()
     if squared_norm == 0:
-        raise ValueError("The original model's parameters are all 0: the relative distance is undefined.")
+        raise NotMeasured("the original model's parameters are all 0: the relative distance is undefined")
     return {"distance_l2": math.sqrt(squared_diff / squared_norm), "changed_fraction": changed / max(total, 1)}
 
 
@@ -602,6 +583,10 @@ def integrity_evidence(
         device: where to run the models.
         progress: show the relearn progress bar.
 
+    Returns:
+        The figures asked for; one that cannot be measured (:class:`NotMeasured`: a relearn target of 0, a
+        diverged model) is ``None``, and ``not_measured`` maps it to why.
+
     Raises:
         ValueError: for settings of the wrong type, or a relearn without target nor ``original``.
     """
@@ -616,10 +601,12 @@ def integrity_evidence(
     )
     figures: dict[str, Any] = {}
     if original is not None:
-        figures.update(weight_distance(model, original))
+        _measure(figures, DISTANCE_FIGURES, lambda: weight_distance(model, original))
     if probe is not None and probe_train is not None:
-        figures.update(
-            linear_probe(
+        _measure(
+            figures,
+            PROBE_FIGURES,
+            lambda: linear_probe(
                 model,
                 probe_train,
                 test,
@@ -630,21 +617,22 @@ def integrity_evidence(
                 C=probe.C,
                 batch_size=batch_size,
                 device=device,
-            )
+            ),
         )
     if relearn_settings is not None and relearn_train is not None:
         s = relearn_settings
-        target = s.target
-        if target is None:
-            target = _half_forget_accuracy(original, test, forgotten, num_classes, device)
-        figures.update(
-            relearn(
+        _measure(
+            figures,
+            relearn_figures(s.epochs),
+            lambda: relearn(
                 model,
                 relearn_train,
                 test,
                 forgotten,
                 num_classes,
-                target=target,
+                target=_half_forget_accuracy(original, test, forgotten, num_classes, device)
+                if s.target is None
+                else s.target,
                 epochs=s.epochs,
                 batch_size=s.batch_size,
                 lr=s.lr,
@@ -653,11 +641,13 @@ def integrity_evidence(
                 seed=s.seed,
                 device=device,
                 progress=progress,
-            )
+            ),
         )
         recipe = {"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "optimizer": s.optimizer}
-        figures.update(
-            retain_only_attack(
+        _measure(
+            figures,
+            RETAIN_ATTACK_FIGURES,
+            lambda: retain_only_attack(
                 model,
                 relearn_train,
                 test,
@@ -667,21 +657,30 @@ def integrity_evidence(
                 seed=s.seed,
                 device=device,
                 progress=progress,
-            )
+            ),
         )
     return figures
+
+
+def _measure(figures: dict[str, Any], names: Sequence[str], measure: Callable[[], dict[str, Any]]) -> None:
+    """Add what ``measure()`` gives to ``figures``; where it raises :class:`NotMeasured`, ``names`` as not measured."""
+    try:
+        figures.update(measure())
+    except NotMeasured as err:
+        log.warning("Not measured: %s (%s).", ", ".join(names), err)
+        add_figures(figures, unmeasured(names, str(err)))
 
 
 def _half_forget_accuracy(
     original: nn.Module | None, test: Dataset, forgotten: list[int], num_classes: int, device: torch.device | str
 ) -> float:
-    """The default relearn target: half the original model's forget accuracy."""
+    """The default relearn target: half the original model's forget accuracy (:class:`NotMeasured` when 0)."""
     if original is None:
         raise ValueError("The relearn target is half the original's forget accuracy: pass original=, or a target.")
     logits, targets = predict_logits(original, Subset(test, _indices_of(test, forgotten)), device=device)
     half = 0.5 * _micro_accuracy(logits, targets, num_classes, forgotten)
     if half <= 0:
-        raise ValueError("The original model gets none of the forgotten classes right: there is nothing to relearn.")
+        raise NotMeasured("the original model gets none of the forgotten classes right: there is nothing to relearn")
     return half
 
 
@@ -763,6 +762,7 @@ def _check_target(target: float) -> None:
 
 
 __all__ = [
+    "NotMeasured",
     "ProbeSettings",
     "RelearnSettings",
     "anamnesis_index",

@@ -33,13 +33,20 @@ class ForgettingObjective:
     - ``random_label``: cross-entropy to a random remaining class;
     - ``ascent``: negative cross-entropy to the true label, bounded at ``2 log(num_classes)``.
 
+    With ``feature_weight`` > 0 and penultimate features given, forgotten-class samples also
+    pay the relative squared distance between their features and ``feature_targets`` (the
+    callback passes the original model's mean feature of the remaining class each sample is
+    renormalised to): their features move into a remaining class's cluster, so that no probe on
+    the features finds the class, instead of only the output layer hiding it.
+
     Each term is a mean over its own samples (a batch without such samples adds 0), and the
     loss is their weighted mean, so that its scale is that of one cross-entropy whatever the
     weights: an SGD learning rate that trains the model also forgets with it.
 
     Args:
         forget_loss: one of ``FORGET_LOSSES``.
-        retain_weight, distill_weight, forget_weight: non-negative weights of the terms, not all 0.
+        retain_weight, distill_weight, forget_weight, feature_weight: non-negative weights of the
+            terms, not all 0.
         temperature: distillation temperature, > 0.
         distill_target: ``renormalized`` or ``original``.
 
@@ -54,6 +61,7 @@ class ForgettingObjective:
     forget_weight: float = 1.0
     temperature: float = 2.0
     distill_target: DistillTarget = "renormalized"
+    feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:
@@ -62,25 +70,35 @@ class ForgettingObjective:
             raise ValueError(f"Unknown distill_target {self.distill_target!r}: choose one of {DISTILL_TARGETS}.")
         weights = {"retain_weight": self.retain_weight, "distill_weight": self.distill_weight}
         weights["forget_weight"] = self.forget_weight
+        weights["feature_weight"] = self.feature_weight
         bad = {k: v for k, v in weights.items() if not _is_number(v) or v < 0}
         if bad:
             raise ValueError(f"Loss weights must be numbers >= 0, got {bad}.")
         if not sum(weights.values()) > 0:
-            raise ValueError("At least one loss weight must be > 0: all three are 0.")
+            raise ValueError("At least one loss weight must be > 0: all are 0.")
         if not _is_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}.")
 
     def __call__(
-        self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, forget_classes: Sequence[int]
+        self,
+        logits: Tensor,
+        teacher_logits: Tensor,
+        targets: Tensor,
+        forget_classes: Sequence[int],
+        features: Tensor | None = None,
+        feature_targets: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Return the ``loss`` and its unweighted terms ``retain``, ``distill`` and ``forget``."""
+        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget`` and ``feature``.
+
+        ``features`` and ``feature_targets`` (``(batch, dim)``) are used only with ``feature_weight`` > 0.
+        """
         logits, teacher_logits = logits.float(), teacher_logits.float()
         is_forgotten = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         is_forgotten[list(forget_classes)] = True
         forget_rows = is_forgotten[targets]
         retain_rows = ~forget_rows
         zero = logits.sum() * 0.0
-        retain = distill = forget = zero
+        retain = distill = forget = feature = zero
         if retain_rows.any():
             retain = F.cross_entropy(logits[retain_rows], targets[retain_rows])
             teacher = teacher_logits[retain_rows]
@@ -91,9 +109,13 @@ class ForgettingObjective:
         if forget_rows.any():
             rows = forget_rows
             forget = self._forget_term(logits[rows], teacher_logits[rows], targets[rows], is_forgotten)
-        total = self.retain_weight + self.distill_weight + self.forget_weight
-        loss = (self.retain_weight * retain + self.distill_weight * distill + self.forget_weight * forget) / total
-        return {"loss": loss, "retain": retain.detach(), "distill": distill.detach(), "forget": forget.detach()}
+            if self.feature_weight and features is not None and feature_targets is not None:
+                f, t = features[rows].float(), feature_targets[rows].float()
+                feature = ((f - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
+        weights = (self.retain_weight, self.distill_weight, self.forget_weight, self.feature_weight)
+        terms = {"retain": retain, "distill": distill, "forget": forget, "feature": feature}
+        loss = sum(w * t for w, t in zip(weights, terms.values())) / sum(weights)
+        return {"loss": loss, **{k: t.detach() for k, t in terms.items()}}
 
     def _forget_term(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, is_forgotten: Tensor) -> Tensor:
         if self.forget_loss == "ascent":

@@ -23,6 +23,7 @@ COLUMNS: dict[str, str] = {
     "relearn_acc_1": ".4f",
     "relearn_steps": "d",
     "anamnesis_index": ".2f",
+    "retain_attack_acc": ".4f",
     "distance_l2": ".4f",
     "changed_fraction": ".4f",
     "seconds": ".1f",
@@ -55,6 +56,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         cells = [cell(figures.get(c), c) for c in cols]
         lines.append(f"| {name} | {figures.get('data', 'all')} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\n" + describe_run(report)
+    text += "".join(f"\n{line}" for line in [*report.get("eval_notes", []), *not_measured_lines(models)])
     if "speedup_vs_retrain" in report:
         text += f"\n{report['method']} took 1/{report['speedup_vs_retrain']:.1f} of the time of retraining."
     return text + "\n" + verdict_line(report) + "\n"
@@ -75,7 +77,21 @@ def verdict_line(report: dict[str, Any]) -> str:
         f"{name} {c['value']:.4f} {c['op']} {c['limit']:.4f} {'ok' if c['passed'] else 'FAILED'}"
         for name, c in v["checks"].items()
     )
+    missing: dict[str, list[str]] = {}  # reason -> the checks it left out
+    for name, reason in v.get("not_checked", {}).items():
+        missing.setdefault(reason, []).append(name)
+    checks += "".join(f"; {', '.join(names)} not checked ({reason})" for reason, names in missing.items())
     return f"Forgotten: {'yes' if v['forgotten'] else 'NO'} ({report['method']} against {v['against']}: {checks})."
+
+
+def not_measured_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per reason some figures were not measured ('-' in the table): which figures, of which rows, why."""
+    groups: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+    for row, figures in models.items():
+        for figure, reason in figures.get("not_measured", {}).items():
+            names, rows = groups.setdefault(reason, ({}, {}))
+            names[figure] = rows[row] = None
+    return [f"Not measured: {', '.join(n)} ({', '.join(r)}): {reason}." for reason, (n, r) in groups.items()]
 
 
 def _class_labels(report: dict[str, Any]) -> str:

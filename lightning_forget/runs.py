@@ -1,13 +1,16 @@
-"""Run folders: claimed by one run before it writes anything, given back when it is refused, and what a finished
-run leaves in it (``forgotten_model.pt``, the report, the line of code that loads the model)."""
+"""Run folders: claimed by one run before it writes anything, given back when it is refused, released when it
+ends unfinished, taken over from a run whose process is gone, and what a finished run leaves in it
+(``forgotten_model.pt``, the report, the line of code that loads the model)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,25 @@ import torch
 from lightning_forget.methods.base import Outcome
 from lightning_forget.report import markdown_table, write_report
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock around a take-over (two runs could take over one folder at once)
+    fcntl = None  # type: ignore[assignment]
+
 # Created exclusively at the start of a run (of a sweep), so that no two runs share a folder.
 CLAIM, SWEEP_CLAIM = "run.claim", "sweep.claim"
 MODEL_FILE = "forgotten_model.pt"
+# What a claim says: the holder's process id, machine and the time it claimed (local time and its UTC offset).
+HOLDER = re.compile(r"^pid (\d+) on (\S+) since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?: ([+-]\d{4}))?")
+_SINCE = "%Y-%m-%d %H:%M:%S"
+log = logging.getLogger(__name__)
 
 
 def claim(folder: Path, name: str = CLAIM) -> Path:
     """Create ``folder/name`` exclusively (atomic), or refuse the folder without writing anything into it.
+
+    A run's claim (not a sweep's) whose process is gone (see :func:`holder_gone`) is taken over, with a warning:
+    that run ended without releasing it (killed, or the machine stopped).
 
     Returns:
         The claim file; it says which process holds the folder, on which machine, since when.
@@ -34,17 +49,98 @@ def claim(folder: Path, name: str = CLAIM) -> Path:
     if name == CLAIM and (folder / "report.json").exists():
         raise FileExistsError(f"{folder} already holds a finished run: choose another hydra.run.dir.")
     path = folder / name
+    if _create(path):
+        return path
+    if name != CLAIM:  # a sweep's claim stays after the sweep: it cannot tell a finished sweep from a killed one
+        raise FileExistsError(_in_use(path))
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one take-over at a time; the lock ends with its process
+        holder = _holder(path)
+        if holder is not None and not holder_gone(holder):
+            raise FileExistsError(_in_use(path))
+        path.unlink(missing_ok=True)
+        if not _create(path):  # another run claimed the folder meanwhile
+            raise FileExistsError(_in_use(path))
+    finally:
+        os.close(lock)
+    if holder is not None:
+        log.warning("Took over %s: the run that claimed it (%s) is gone.", folder, holder)
+    return path
+
+
+def release(folder: Path, name: str = CLAIM) -> None:
+    """Remove this process's claim on ``folder`` (a run that ends unfinished); what the run wrote there stays.
+
+    A later run into the folder claims it and starts over.
+    """
+    path = folder / name
+    found = HOLDER.match(_holder(path) or "")
+    if found and int(found[1]) == os.getpid() and found[2] == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def holder_gone(holder: str) -> bool:
+    """Whether the process a claim names (``pid N on HOST since TIME``) has ended, as far as this machine can tell.
+
+    Only a claim of this machine can be checked: its process must be running (and not a zombie), and must have
+    started before the claim (else its id was reused). A claim that does not read as one is held.
+    """
+    found = HOLDER.match(holder)
+    if not found or found[2] != socket.gethostname():
+        return False
+    pid = int(found[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: it runs
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:  # no /proc here: it runs
+        return False
+    state, started = stat
+    if found[4]:
+        claimed = datetime.strptime(f"{found[3]} {found[4]}", f"{_SINCE} %z").timestamp()
+    else:  # a claim without its UTC offset (an earlier version): local time
+        claimed = time.mktime(time.strptime(found[3], _SINCE))
+    return state == "Z" or started > claimed + 2
+
+
+def _create(path: Path) -> bool:
+    """Create the claim ``path`` exclusively, saying who holds it; ``False`` if it exists."""
     try:
         handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        holder = path.read_text(errors="replace").strip() if path.is_file() else "?"
-        raise FileExistsError(
-            f"{folder} is already used by another run ({holder}): choose another hydra.run.dir (hydra.sweep.dir "
-            f"for -m), or delete {path} if that run is gone."
-        ) from None
+        return False
     with os.fdopen(handle, "w") as file:
-        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    return path
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime(f'{_SINCE} %z')}\n")
+    return True
+
+
+def _holder(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+
+
+def _in_use(path: Path) -> str:
+    return (
+        f"{path.parent} is already used by another run ({_holder(path) or '?'}): choose another hydra.run.dir "
+        f"(hydra.sweep.dir for -m), or delete {path} if that run is gone."
+    )
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """The state of process ``pid`` and when it started (seconds since the epoch), from ``/proc``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        return fields[0], float(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def give_back(folder: Path, found: set[Path]) -> None:

@@ -1,4 +1,4 @@
-"""Whether the few samples at hand say the classes are forgotten: the stop rule and the verdict of a fit."""
+"""Whether the samples at hand say the classes are forgotten: the stop rule and the verdict of a fit."""
 
 from __future__ import annotations
 
@@ -84,30 +84,62 @@ class ForgetCriterion:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of a forgetting fit, measured on its samples.
+    """The outcome of a forgetting fit, judged on samples it did not train on.
 
     Attributes:
-        forgotten: whether the criterion was met at the end.
+        forgotten: whether the criterion was met at the end on the judged samples (``False`` when
+            not judged).
         forget_classes: the classes.
-        before, after: the evidence at the start and at the end of the fit.
+        before, after: the evidence on the judged samples at the start and at the end of the fit;
+            ``None`` when not judged.
         epochs: epochs trained.
         shortfalls: what was not met (empty when forgotten).
+        judged_on: ``held-back`` (samples of the fit's data held back from training),
+            ``verdict_data`` (given by the user), ``trained`` (a "no" that the trained samples
+            already show: it needs no unseen sample), or ``""`` when not judged.
+        not_judged: why the fit could not be judged on unseen samples (empty when judged).
+        trained: the evidence on the samples the fit trained on, at the end.
     """
 
     forgotten: bool
     forget_classes: list[int]
-    before: Evidence
-    after: Evidence
+    before: Evidence | None
+    after: Evidence | None
     epochs: int
     shortfalls: list[str]
+    judged_on: str = ""
+    not_judged: str = ""
+    trained: Evidence | None = None
+
+    @property
+    def judged(self) -> bool:
+        """Whether the verdict rests on samples the fit did not train on."""
+        return not self.not_judged
 
     def __str__(self) -> str:
+        trained = self.trained
+        seen = (
+            f"on the {trained.forget_samples} + {trained.retain_samples} samples it trained on, forgotten-class "
+            f"accuracy {trained.forget_acc:.3f}, remaining-class accuracy {trained.retain_acc:.3f}; "
+            if trained is not None
+            else ""
+        )
+        if not self.judged:
+            return (
+                f"Classes {self.forget_classes} NOT JUDGED on unseen samples: {self.not_judged} ({seen}"
+                f"{self.epochs} epochs)."
+            )
         b, a = self.before, self.after
+        assert b is not None and a is not None
+        if self.judged_on == "trained":
+            judged, seen = "samples it trained on", ""
+        else:
+            judged = f"{self.judged_on} samples it did not train on"
         figures = (
-            f"on {a.forget_samples} forgotten-class / {a.retain_samples} remaining-class samples: "
-            f"forgotten-class accuracy {b.forget_acc:.3f} -> {a.forget_acc:.3f}, probability "
-            f"{b.forget_mass:.3f} -> {a.forget_mass:.4f}; remaining-class accuracy {b.retain_acc:.3f} -> "
-            f"{a.retain_acc:.3f}; {self.epochs} epochs"
+            f"on {a.forget_samples} forgotten-class / {a.retain_samples} remaining-class {judged}: forgotten-class "
+            f"accuracy {b.forget_acc:.3f} -> {a.forget_acc:.3f}, probability {b.forget_mass:.3f} -> "
+            f"{a.forget_mass:.4f}; remaining-class accuracy {b.retain_acc:.3f} -> {a.retain_acc:.3f}; {seen}"
+            f"{self.epochs} epochs"
         )
         if self.forgotten:
             return f"Classes {self.forget_classes} forgotten ({figures})."

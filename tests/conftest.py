@@ -9,6 +9,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+
+def pytest_report_header(config) -> list[str]:
+    """The versions and threads every run prints first: CI logs say what the figures were measured with."""
+    import platform
+    from importlib.metadata import version
+
+    packages = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy", "scikit-learn")
+    return [
+        f"lightning-forget test run: python {platform.python_version()}, "
+        + ", ".join(f"{p} {version(p)}" for p in packages),
+        f"threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"LF_TEST_SEED={TEST_SEED}",
+    ]
+
+
 # The seed of every test that asserts a training result; bench/ci_stability.py runs them over several.
 TEST_SEED = int(os.environ.get("LF_TEST_SEED", "0"))
 

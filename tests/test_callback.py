@@ -52,7 +52,7 @@ def test_given_scoring_data_is_used_for_a_fit_without_forgotten_samples():
     torch.manual_seed(TEST_SEED)
     module = UserClassifier()
     expected = top_fraction_masks(relevance_scores(copy.deepcopy(module), loader, [1]), 0.1)
-    callback = ClassForgetting([1], fraction=0.1, scoring_data=loader)
+    callback = ClassForgetting([1], fraction=0.1, scoring_data=loader, holdout=0)  # scores every sample given
     quiet_trainer(max_epochs=1, callbacks=[callback]).fit(module, retain_only)
     assert all(torch.equal(expected[n], callback.masks[n]) for n in expected)
 
@@ -179,8 +179,11 @@ def test_every_sample_is_scored_even_when_the_training_loader_drops_its_last_bat
     monkeypatch.setattr(ClassForgetting, "_score", counting)
     dataset = tiny_loader(n_per_class=5).dataset  # 20 samples: batches of 8 drop 4 of them
     loader = DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True)
-    quiet_trainer(max_epochs=1, callbacks=[ClassForgetting([1])]).fit(UserClassifier(), loader)
+    quiet_trainer(max_epochs=1, callbacks=[ClassForgetting([1], holdout=0)]).fit(UserClassifier(), loader)
     assert sorted(seen) == sorted(int(y) for _, y in dataset)
+    seen.clear()  # by default one sample of each class is held back for the verdict, and not scored
+    quiet_trainer(max_epochs=1, callbacks=[ClassForgetting([1])]).fit(UserClassifier(), loader)
+    assert sorted(seen) == [c for c in range(4) for _ in range(4)]
 
 
 def test_the_fit_stops_once_the_classes_stay_forgotten_for_patience_epochs():

@@ -211,26 +211,42 @@ def test_compare_caches_retraining_and_reports_every_row(task, data, tmp_path, m
     assert second.figures["retrain"]["seconds"] == first.figures["retrain"]["seconds"]
 
 
-RETRAINED = {"forget_acc": 0.0, "retain_acc": 0.55, "mia": 0.44, "probe_forget_acc": 0.55}
-NEAR_RETRAIN = {"forget_acc": 0.01, "retain_acc": 0.56, "mia": 0.40, "probe_forget_acc": 0.60, "anamnesis_index": 0.9}
+RETRAINED = {"forget_acc": 0.0, "retain_acc": 0.55, "mia": 0.44, "probe_forget_acc": 0.55, "retain_attack_acc": 0.0}
+ORIGINAL = {"forget_acc": 0.8, "retain_acc": 0.6, "mia": 0.7, "probe_forget_acc": 0.75, "retain_attack_acc": 0.8}
+NEAR_RETRAIN = {
+    "forget_acc": 0.01,
+    "retain_acc": 0.56,
+    "mia": 0.40,
+    "probe_forget_acc": 0.60,
+    "retain_attack_acc": 0.05,
+    "anamnesis_index": 0.9,
+}
 
 
 @pytest.mark.parametrize(
     ("changes", "failed"),
     [
         ({}, set()),
-        ({"probe_forget_acc": 0.70}, {"probe_forget_acc"}),
+        ({"probe_forget_acc": 0.66}, {"probe_forget_acc"}),  # closes less than half of the 0.75 -> 0.55 gap
         ({"anamnesis_index": 0.1}, {"anamnesis_index"}),
+        ({"retain_attack_acc": 0.2}, {"retain_attack_acc"}),
         ({"retain_acc": 0.50, "mia": 0.60}, {"retain_acc", "mia"}),
         ({"forget_acc": 0.2}, {"forget_acc"}),
     ],
 )
 def test_the_verdict_says_not_forgotten_when_any_measured_figure_is_far_from_retraining(changes, failed):
     figures = NEAR_RETRAIN | changes
-    result = verdict(figures, RETRAINED)
+    result = verdict(figures, RETRAINED, ORIGINAL)
     assert result["forgotten"] is (not failed)
     assert {k for k, c in result["checks"].items() if not c["passed"]} == failed
     assert set(result["checks"]) == set(figures)
+
+
+def test_a_probe_gap_smaller_than_the_probes_resolution_asks_for_no_more_than_retrain_plus_it():
+    same = {**NEAR_RETRAIN, "probe_forget_acc": 1.0}
+    result = verdict(same, {**RETRAINED, "probe_forget_acc": 0.99}, {**ORIGINAL, "probe_forget_acc": 1.0})
+    assert result["checks"]["probe_forget_acc"]["passed"]
+    assert "probe_forget_acc" not in verdict(NEAR_RETRAIN, RETRAINED)["checks"], "judged without the original's"
 
 
 def test_figures_that_were_not_measured_are_not_checked():

@@ -14,7 +14,7 @@ from lightning_forget.callback import (
     DEFAULT_PATIENCE,
     ClassForgetting,
 )
-from lightning_forget.evidence import final_linear
+from lightning_forget.features import final_linear
 from lightning_forget.methods.base import (
     DataRegime,
     ForgettingMethod,
