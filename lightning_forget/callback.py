@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 DEFAULT_FRACTION = 0.1
+DEFAULT_IMPAIR = 0.5
 DEFAULT_OBJECTIVE = ForgettingObjective()
 DEFAULT_CRITERION = ForgetCriterion()
 DEFAULT_PATIENCE = 5
@@ -84,10 +85,14 @@ class ClassForgetting(Callback):
     start (so any LightningModule whose ``forward`` returns class logits forgets, with its own
     optimizer). Pass ``objective=None`` to keep the module's own ``training_step``.
 
-    After every epoch the samples are checked against ``criterion``; with
-    ``stop_when_forgotten`` the fit stops as soon as it is met (``max_epochs`` is the cap). The
-    fit ends with a :class:`~lightning_forget.verdict.Verdict` in :attr:`verdict`, logged, and a
-    warning when the classes were not forgotten.
+    After every epoch the samples it trains on are checked against ``criterion``; with
+    ``stop_when_forgotten`` the fit stops once it has held for ``patience`` epoch ends
+    (``max_epochs`` is the cap). The fit ends with a :class:`~lightning_forget.verdict.Verdict`
+    in :attr:`verdict`: the same criterion on samples the fit did not train on (``holdout``
+    samples of each class held back from the fit's data, or ``verdict_data``), or "not judged"
+    with the reason when there are none. It is logged (``forget/verdict``: 1, 0, or NaN when not
+    judged), written to the ``lightning_forget.callback`` logger, and warned about when it is not
+    a yes.
 
     Logged metrics (``self.log``: loggers, progress bar and monitors see them):
 
@@ -146,7 +151,19 @@ class ClassForgetting(Callback):
         inputs_targets: ``batch -> (inputs, class targets)`` for batches that are not
             ``(inputs, targets, ...)`` tuples (e.g. dicts).
         logits: where the logits are in the module's output (see :class:`~lightning_forget.batches.BatchFormat`).
-        seed: seed of the ``random`` score.
+        seed: seed of the ``random`` score and of the held-back draw.
+        impair: at fit start, before any step, the selected entries are shrunk towards 0 by this
+            share (1 zeroes them; 0 leaves them). What they held for the forgotten classes is
+            damaged first and the objective then repairs the remaining classes from the
+            fit-start snapshot, so the classes do not stay dormant in the weights and come back
+            after a few fine-tuning steps. Entries outside the masks are never touched.
+        holdout: samples of every class (that has more than that many) held back from the fit, so
+            that the verdict judges samples the fit did not train on; 0 holds none back (the
+            verdict is then "not judged" unless ``verdict_data`` is given). Held-back samples are
+            recognised in the training batches by their input values, so a training set with
+            random augmentation cannot be held back from: pass ``verdict_data`` then.
+        verdict_data: batches, in the training batches' format, of samples the fit does not train
+            on, for the verdict; ``holdout`` is then not used.
 
     Raises:
         ValueError: for invalid ``forget_classes``, ``fraction`` or ``score``.
@@ -169,14 +186,11 @@ class ClassForgetting(Callback):
         inputs_targets: BatchFn | None = None,
         logits: LogitsSpec = None,
         seed: int = 0,
-        impair: float = 0.0,
-        impair_noise: float = 0.0,
+        impair: float = DEFAULT_IMPAIR,
         holdout: int = 1,
         verdict_data: Iterable[Any] | None = None,
     ) -> None:
         self.forget_classes = check_forget_classes(forget_classes)
-        self.impair = impair
-        self.impair_noise = impair_noise
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
         if score not in SCORES:
@@ -202,6 +216,9 @@ class ClassForgetting(Callback):
         self.freeze_bn_stats = freeze_bn_stats
         self.batch_format = BatchFormat(inputs_targets, logits)
         self.seed = seed
+        if isinstance(impair, bool) or not isinstance(impair, (int, float)) or not 0.0 <= impair <= 1.0:
+            raise ValueError(f"impair must be a number in [0, 1], got {impair!r}.")
+        self.impair = impair
         if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
             raise ValueError(f"holdout must be an integer >= 0, got {holdout!r}.")
         self.holdout = holdout
@@ -407,8 +424,8 @@ class ClassForgetting(Callback):
         if self._before is None or not (self._restored or same_module):
             self._before = self._measure(trainer, pl_module, forward)
             self._before_judged = self._measure_judged(trainer, pl_module, forward)
-        if not self._restored and (self.impair or self.impair_noise):
-            _impair(params, self._masks, self.impair, self.impair_noise, self.seed)
+        if not self._restored and self.impair:
+            _impair(params, self._masks, self.impair)
         self._restored = False
         # Every parameter is guarded, trainable or not: a callback may unfreeze it later, a hook may write to it.
         self._gate = StepGate(params, self._masks, kept=self._teacher)
@@ -855,15 +872,12 @@ _ON_EXCEPTION = "before the fit stopped on an exception"
 
 
 @torch.no_grad()
-def _impair(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], shrink: float, noise: float, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
+def _impair(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], shrink: float) -> None:
+    """Shrink the selected entries towards 0 by ``shrink`` (1: zeroed), leaving every other entry as it is."""
     for name, p in params.items():
         mask = masks.get(name)
-        if mask is None or not mask.any():
-            continue
-        scale = float(p.float().std()) if p.numel() > 1 else float(p.abs().mean())
-        eps = torch.randn(p.shape, generator=generator).to(p)
-        p.copy_(torch.where(mask, (1 - shrink) * p + noise * scale * eps, p))
+        if mask is not None and mask.any():
+            p.copy_(torch.where(mask.to(p.device), p * (1 - shrink), p))
 
 
 def _with_frozen(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:

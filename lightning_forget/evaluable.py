@@ -114,7 +114,13 @@ def plan_evidence(
     left = {c: int((labels == c).sum() - (drawn == c).sum()) for c in sorted(set(labels.tolist()))}
     least = min(left, key=left.__getitem__)
     plan = EvidencePlan(probe, relearn)
-    evidence = [("probe", probe, PROBE_FIGURES)]
+    absent = [c for c in range(data.num_classes) if c not in left]
+    if probe is not None and absent:  # the probe is fitted on every class
+        reason = f"class {_label(data, absent[0])} has no training images, and the probe is fitted on every class"
+        plan.probe = None
+        plan.skipped.update(dict.fromkeys(PROBE_FIGURES, reason))
+        log.warning("eval.probe skipped: %s.", reason)
+    evidence = [("probe", plan.probe, PROBE_FIGURES)]
     if relearn is not None:
         evidence.append(("relearn", relearn, (*relearn_figures(relearn.epochs), *RETAIN_ATTACK_FIGURES)))
     for name, settings, figures in evidence:

@@ -23,8 +23,8 @@ from test_app import LIGHT, REPO, app, assert_ok, check_in_process, clean_env, c
 from torch.utils.data import Subset
 
 from lightning_forget import evaluate_forgetting
-from lightning_forget.data import ClassificationData
-from lightning_forget.evaluable import check_evaluable
+from lightning_forget.data import ClassificationData, few_shot_subset
+from lightning_forget.evaluable import check_evaluable, plan_evidence
 from lightning_forget.evidence import ProbeSettings, RelearnSettings, integrity_evidence
 from lightning_forget.measurable import NOT_MEASURED
 from lightning_forget.models import build_model
@@ -43,8 +43,9 @@ def gone_pid() -> int:
     return process.pid
 
 
-def claim_text(pid: int, since: float | None = None, host: str | None = None) -> str:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+def claim_text(pid: int, since: float | None = None, host: str | None = None, offset: bool = True) -> str:
+    """What a claim says; without ``offset``, as claims said before they gave the UTC offset of their time."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z" if offset else "%Y-%m-%d %H:%M:%S", time.localtime(since))
     return f"pid {pid} on {host or socket.gethostname()} since {stamp}\n"
 
 
@@ -181,6 +182,19 @@ def test_data_without_test_images_of_a_forgotten_class_or_training_images_of_it_
         check_evaluable(data(full, only_1), [1])
 
 
+def test_evidence_sets_shrink_to_what_every_class_has_left_and_a_class_without_images_skips_the_probe(caplog):
+    full = tiny_loader(n_per_class=4).dataset
+    without_3 = Subset(full, [i for i in range(len(full)) if int(full[i][1]) != 3])
+    data = ClassificationData(without_3, without_3, full, 4, 1, ["a", "b", "c", "d"])
+    few_shot = few_shot_subset(without_3, 1)
+    plan = plan_evidence(data, [1], few_shot, tiny_net(), ProbeSettings(per_class=2), RelearnSettings(per_class=5))
+    assert plan.probe is None and "class 3 (d) has no training images" in plan.skipped["probe_forget_acc"]
+    assert plan.relearn == RelearnSettings(per_class=3) and not set(plan.skipped) & {"relearn_steps"}
+    lowered = "eval.relearn.per_class=5 lowered to 3: class 0 (a) has only 3 training images besides its 1 few-shot"
+    assert plan.notes == [f"{lowered} ones."]
+    assert "eval.probe skipped: class 3 (d)" in caplog.text and plan.notes[0] in caplog.text
+
+
 def test_the_report_lists_what_was_not_measured_and_the_verdict_what_it_could_not_check():
     reason = "the original model gets none of the forgotten classes right: there is nothing to relearn"
     missing = {"relearn_steps": reason, "anamnesis_index": reason}
@@ -242,12 +256,14 @@ def test_a_claim_is_taken_over_only_when_its_process_is_gone_from_this_machine(t
         "running": (claim_text(os.getpid()), False),  # claimed after this process started
         "gone": (claim_text(gone_pid()), True),
         "pid reused": (claim_text(os.getpid(), since=time.time() - 3600), True),  # this process started later
+        "pid reused, old claim": (claim_text(os.getpid(), since=time.time() - 3600, offset=False), True),
+        "running, old claim": (claim_text(os.getpid(), offset=False), False),
         "other machine": (claim_text(gone_pid(), host="elsewhere.example"), False),
         "unreadable": ("garbage\n", False),
     }
     for name, (text, gone) in cases.items():
         assert holder_gone(text.strip()) is gone, name
-        folder = tmp_path / name.replace(" ", "_")
+        folder = tmp_path / name.replace(" ", "_").replace(",", "")
         folder.mkdir()
         (folder / CLAIM).write_text(text)
         if gone:
@@ -262,7 +278,7 @@ def test_a_claim_is_taken_over_only_when_its_process_is_gone_from_this_machine(t
         claim(tmp_path, SWEEP_CLAIM)  # a finished sweep's claim looks the same: never taken over
 
 
-def test_release_removes_only_this_processes_claim(tmp_path):
+def test_release_removes_the_claim_of_this_process_only_and_keeps_what_the_run_wrote(tmp_path):
     claim(tmp_path)
     (tmp_path / "run.log").write_text("kept")
     release(tmp_path)

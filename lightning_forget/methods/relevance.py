@@ -10,6 +10,7 @@ import torch
 from lightning_forget.callback import (
     DEFAULT_CRITERION,
     DEFAULT_FRACTION,
+    DEFAULT_IMPAIR,
     DEFAULT_OBJECTIVE,
     DEFAULT_PATIENCE,
     ClassForgetting,
@@ -45,8 +46,8 @@ class Relevance(ForgettingMethod):
     may change (``head_only``: the floor any forgetting of the features has to beat).
 
     Args:
-        fraction, score, per_tensor, freeze_bn_stats, objective, criterion, stop_when_forgotten, patience:
-            as for :class:`~lightning_forget.ClassForgetting`.
+        fraction, score, per_tensor, freeze_bn_stats, objective, criterion, stop_when_forgotten, patience,
+            impair, holdout: as for :class:`~lightning_forget.ClassForgetting`.
         recipe: optimizer settings, batch size and the epoch cap.
         layers: ``all``, ``head`` (only the final linear layer may change) or ``features``
             (everything but the final linear layer, so that forgetting has to change the features).
@@ -67,6 +68,8 @@ class Relevance(ForgettingMethod):
         criterion: ForgetCriterion = DEFAULT_CRITERION,
         stop_when_forgotten: bool = True,
         patience: int = DEFAULT_PATIENCE,
+        impair: float = DEFAULT_IMPAIR,
+        holdout: int = 1,
         recipe: Recipe = DEFAULT_RECIPE,
         layers: Layers = "all",
         data: DataRegime = "few_shot",
@@ -84,6 +87,8 @@ class Relevance(ForgettingMethod):
             "criterion": criterion,
             "stop_when_forgotten": stop_when_forgotten,
             "patience": patience,
+            "impair": impair,
+            "holdout": holdout,
             "seed": seed,
         }
         ClassForgetting([0], **self.options)  # validates every option now, before any work
