@@ -156,7 +156,8 @@ class ClassForgetting(Callback):
             share (1 zeroes them; 0 leaves them). What they held for the forgotten classes is
             damaged first and the objective then repairs the remaining classes from the
             fit-start snapshot, so the classes do not stay dormant in the weights and come back
-            after a few fine-tuning steps. Entries outside the masks are never touched.
+            after a few fine-tuning steps. Entries outside the masks are never touched. Only with
+            an ``objective``: with ``objective=None`` nothing would repair the damage.
         holdout: samples of every class (that has more than that many) held back from the fit, so
             that the verdict judges samples the fit did not train on; 0 holds none back (the
             verdict is then "not judged" unless ``verdict_data`` is given). Held-back samples are
@@ -424,7 +425,7 @@ class ClassForgetting(Callback):
         if self._before is None or not (self._restored or same_module):
             self._before = self._measure(trainer, pl_module, forward)
             self._before_judged = self._measure_judged(trainer, pl_module, forward)
-        if not self._restored and self.impair:
+        if not self._restored and self.impair and self.objective is not None:
             _impair(params, self._masks, self.impair)
         self._restored = False
         # Every parameter is guarded, trainable or not: a callback may unfreeze it later, a hook may write to it.
@@ -568,13 +569,13 @@ class ClassForgetting(Callback):
     @torch.no_grad()
     def _feature_targets(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> tuple[nn.Linear | None, Tensor]:
         """The final linear layer and, per class, the fit-start model's mean penultimate feature (NaN: no sample)."""
-        fmt, teacher = self.batch_format, self._teacher
+        fmt, teacher, precision = self._sample_format, self._teacher, trainer.precision_plugin
         sums: Tensor | None = None
         head: nn.Linear | None = None
-        with eval_mode(pl_module):
+        with eval_mode(pl_module), precision.forward_context():
             for batch in self._samples:
                 inputs, targets = fmt.split(batch)
-                inputs, targets = inputs.to(pl_module.device), targets.to(pl_module.device)
+                inputs, targets = precision.convert_input(inputs.to(pl_module.device)), targets.to(pl_module.device)
                 if head is None:
                     num_classes = fmt.logits_of(functional_call(pl_module, teacher, (inputs,))).shape[-1]
                     try:
@@ -637,7 +638,7 @@ class ClassForgetting(Callback):
             optimizers = ", ".join(f"{type(o).__name__}(lr={o.param_groups[0]['lr']:g})" for o in trainer.optimizers)
             raise FloatingPointError(
                 f"ClassForgetting: the loss became {float(loss)} at step {trainer.global_step} with {optimizers}: "
-                f"the training diverged; {restored}. Lower the learning rate (Adam at 3e-3, as ForgettingModule "
+                f"the training diverged; {restored}. Lower the learning rate (Adam at 1e-2, as ForgettingModule "
                 "uses, forgets well), or clip gradients."
             )
 

@@ -64,7 +64,6 @@ def hold_back(
     if first is None:
         return None, "the inputs of a batch are not a tensor"
     keys, inputs, targets = first
-    check_targets(targets)
     if _rows(batches, batch_format, keys_only=True) != keys:
         return None, (
             "the training data gives other values on every pass (random augmentation?), so its samples cannot be "
@@ -114,6 +113,7 @@ def _rows(
         x, y = batch_format.split(batch)
         if not isinstance(x, Tensor):
             return None
+        check_targets(y)
         keys += fingerprints(x)
         if not keys_only:
             inputs.append(x.detach().cpu())

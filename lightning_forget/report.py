@@ -58,7 +58,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     text = "\n".join(lines) + "\n\n" + describe_run(report)
     text += "".join(f"\n{line}" for line in [*report.get("eval_notes", []), *not_measured_lines(models)])
     if "speedup_vs_retrain" in report:
-        text += f"\n{report['method']} took 1/{report['speedup_vs_retrain']:.1f} of the time of retraining."
+        text += f"\n{report['method']} took 1/{report['speedup_vs_retrain']:.1f} of the time of retraining"
+        mine, retrain = models[report["method"]].get("samples"), models["retrain"].get("samples")
+        if mine and retrain:
+            # On small data the ratio says little: retraining's cost grows with the data, forgetting's with the shots.
+            text += (
+                f", on {mine:,} samples against {retrain:,} (retraining's time grows with the training data, "
+                "forgetting's with the few shots)"
+            )
+        text += "."
     return text + "\n" + verdict_line(report) + "\n"
 
 

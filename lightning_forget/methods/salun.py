@@ -70,6 +70,7 @@ class SalUn(ForgettingMethod):
             task.forget_classes,
             masks={f"model.{n}": m for n, m in masks.items()},
             objective=None,
+            impair=0.0,
             stop_when_forgotten=False,
             freeze_bn_stats=False,
         )
