@@ -51,6 +51,7 @@ from lightning_forget import (
     few_shot_subset,
 )
 from lightning_forget.evidence import anamnesis_index, relearn
+from lightning_forget.features import final_linear
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,16 @@ def forget(original: nn.Module, case: Case, data: Data, variant: dict, shots: in
     else:
         module = OwnerModule(net, case.optimizer)
     trainer = quiet_trainer(max_epochs=variant.get("max_epochs", 50), callbacks=[callback])
+    # "head_only": every parameter but the final linear layer's frozen (as conf/method/head_only.yaml).
+    head = {id(p) for p in final_linear(net, data.num_classes)[1].parameters()}
+    frozen = [p for p in net.parameters() if variant.get("head_only") and id(p) not in head]
+    for p in frozen:
+        p.requires_grad_(False)
     start = time.perf_counter()
     trainer.fit(module, DataLoader(few, batch_size=32, shuffle=True))
     seconds = time.perf_counter() - start
+    for p in frozen:
+        p.requires_grad_(True)
     return net, {
         "seconds": seconds,
         "epochs": trainer.current_epoch,
@@ -216,7 +224,8 @@ def main() -> None:
         nargs="+",
         type=json.loads,
         default=[{"name": "default"}],
-        help='JSON objects: {"name", "callback": {...}, "module": {...}, "stack": "wrapper"|"callback"}',
+        help='JSON objects: {"name", "callback": {...}, "module": {...}, "stack": "wrapper"|"callback", '
+        '"head_only": true}',
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

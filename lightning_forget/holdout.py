@@ -62,7 +62,7 @@ def hold_back(
     """
     first = _rows(batches, batch_format)
     if first is None:
-        return None, "the inputs of a batch are not a tensor"
+        return None, "the inputs of a batch are not a tensor, so they cannot be told apart; pass verdict_data="
     keys, inputs, targets = first
     if _rows(batches, batch_format, keys_only=True) != keys:
         return None, (
@@ -79,7 +79,10 @@ def hold_back(
     held_keys = {keys[i] for i in chosen}
     rows = torch.tensor([i for i, k in enumerate(keys) if k in held_keys], dtype=torch.long)
     if not len(rows):
-        return None, f"no class has more than {per_class} sample(s) to hold one back"
+        return None, (
+            f"no class has more than {per_class} sample(s) to hold one back; pass verdict_data= a few images of "
+            "each class that the fit does not train on"
+        )
     held = [(inputs[rows], targets[rows])]
     return HeldBack(held_keys, held, len(rows)), ""
 

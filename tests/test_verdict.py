@@ -1,0 +1,135 @@
+"""The fit's verdict judges samples the fit did not train on: held back from its data, or given; else not judged."""
+
+import copy
+import logging
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TEST_SEED, quiet_trainer, tiny_loader, tiny_net
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_forget import ClassForgetting, ForgettingModule
+from lightning_forget.holdout import fingerprints
+
+
+class Trained(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def trained_net():
+    torch.manual_seed(TEST_SEED)
+    module = Trained()
+    quiet_trainer(max_epochs=30).fit(module, tiny_loader(n_per_class=12, seed=5))
+    return module.net
+
+
+def _fit(net, callback, loader, max_epochs=50, lr=0.01):
+    torch.manual_seed(TEST_SEED)
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[callback])
+    trainer.fit(ForgettingModule(net, [1], 4, lr=lr), loader)
+    return trainer
+
+
+def test_the_verdict_judges_one_held_back_sample_per_class_that_no_training_step_saw(trained_net, monkeypatch):
+    seen: list[str] = []
+    callback = ClassForgetting([1])
+    loader = tiny_loader(n_per_class=6)
+    net = copy.deepcopy(trained_net)
+    original_forward = net.forward
+
+    def recording(x):
+        if torch.is_grad_enabled():  # the training forward, not the evaluations under no_grad
+            seen.extend(fingerprints(x))
+        return original_forward(x)
+
+    monkeypatch.setattr(net, "forward", recording)
+    trainer = _fit(net, callback, loader)
+    verdict = callback.verdict
+    assert verdict.judged and verdict.judged_on == "held-back"
+    assert (verdict.after.forget_samples, verdict.after.retain_samples) == (1, 3)
+    assert verdict.trained.forget_samples == 5 and verdict.trained.retain_samples == 15
+    held = callback._held_back.keys
+    assert seen and not held & set(seen), "a held-back sample reached a training step"
+    assert callback._held_back.excluded == 4 * trainer.current_epoch
+    assert verdict.forgotten, str(verdict)
+    assert "held-back samples it did not train on" in str(verdict)
+
+
+def test_a_verdict_that_falls_short_says_not_forgotten_what_fell_short_and_what_to_raise(trained_net, caplog):
+    callback = ClassForgetting([1])
+    with (
+        caplog.at_level(logging.WARNING, logger="lightning_forget.callback"),
+        pytest.warns(UserWarning, match=r"NOT forgotten: .*To forget them: raise max_epochs"),
+    ):
+        _fit(copy.deepcopy(trained_net), callback, tiny_loader(n_per_class=6), max_epochs=1, lr=1e-5)
+    assert callback.verdict.judged and not callback.verdict.forgotten and callback.verdict.shortfalls
+    # Where Python warnings are filtered, the logging logger still says it.
+    assert any("NOT forgotten" in r.getMessage() for r in caplog.records)
+
+
+class Augmented(Dataset):
+    """Other values for the same sample on every read, as random augmentation gives."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.01 * torch.randn_like(x), y
+
+
+@pytest.mark.parametrize(
+    ("make_loader", "kwargs", "why"),
+    [
+        (lambda: tiny_loader(n_per_class=6), {"holdout": 0}, "holdout=0"),
+        (lambda: DataLoader(Augmented(tiny_loader(n_per_class=6).dataset), batch_size=8), {}, "random augmentation"),
+        (lambda: tiny_loader(n_per_class=1), {}, "no class has more than 1"),
+    ],
+    ids=["holdout_0", "augmented", "one_sample_per_class"],
+)
+def test_without_samples_it_did_not_train_on_the_verdict_is_not_judged_and_says_why(
+    trained_net, make_loader, kwargs, why
+):
+    callback = ClassForgetting([1], **kwargs)
+    with pytest.warns(UserWarning, match="NOT JUDGED"):
+        _fit(copy.deepcopy(trained_net), callback, make_loader(), max_epochs=30)
+    verdict = callback.verdict
+    if verdict.judged:  # allowed only as a "no" that the trained samples already show
+        assert verdict.judged_on == "trained" and not verdict.forgotten
+    else:
+        assert not verdict.forgotten and why in verdict.not_judged
+        assert "verdict_data" in verdict.not_judged or "holdout" in verdict.not_judged
+
+
+def test_given_verdict_data_is_what_the_verdict_judges(trained_net):
+    judged = tiny_loader(n_per_class=3, seed=7)
+    callback = ClassForgetting([1], verdict_data=judged)
+    _fit(copy.deepcopy(trained_net), callback, tiny_loader(n_per_class=6))
+    verdict = callback.verdict
+    assert verdict.judged_on == "verdict_data"
+    assert (verdict.after.forget_samples, verdict.after.retain_samples) == (3, 9)
+    assert verdict.trained.forget_samples == 6  # nothing held back from the fit when verdict_data is given
+
+
+def test_holdout_is_validated_at_construction():
+    with pytest.raises(ValueError, match="holdout must be an integer >= 0"):
+        ClassForgetting([1], holdout=-1)
+    with pytest.raises(ValueError, match=r"impair must be a number in \[0, 1\]"):
+        ClassForgetting([1], impair=1.5)
