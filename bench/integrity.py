@@ -74,6 +74,7 @@ CASES = [
     Case("vgg_no_bn", "digits28", "sgd", 15, (6, 7)),
     Case("cnn", "cifar", "adam", 15, (1,)),
     Case("user_cnn", "cifargrey", "sgd", 5, (0, 8)),
+    Case("resnet18", "digits8", "adam", 10, (7,)),
 ]
 assert all((c.arch, c.data, c.optimizer, c.epochs) in ORIGINALS for c in CASES)
 SGD_RELEARN = {"optimizer": "sgd", "lr": 0.01}

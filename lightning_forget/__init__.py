@@ -16,6 +16,7 @@ from lightning_forget.masks import GuaranteeReport, ParameterChange, StepGate, t
 from lightning_forget.models import build_model
 from lightning_forget.module import ClassifierModule, ForgettingModule
 from lightning_forget.objective import ForgettingObjective
+from lightning_forget.record import check_record, forgotten_before, record_digest, state_digest, write_record
 from lightning_forget.relevance import relevance_scores
 from lightning_forget.verdict import Evidence, ForgetCriterion, Verdict
 
@@ -37,15 +38,20 @@ __all__ = [
     "anamnesis_index",
     "build_model",
     "check_forget_classes",
+    "check_record",
     "dataset_labels",
     "evaluate_forgetting",
     "few_shot_subset",
+    "forgotten_before",
     "linear_probe",
     "membership_inference",
+    "record_digest",
     "relearn",
     "relevance_scores",
     "remaining_classes",
+    "state_digest",
     "top_fraction_masks",
     "verify",
     "weight_distance",
+    "write_record",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import lightning as L
@@ -18,8 +19,8 @@ from torch import nn
 from torch.utils.data import Subset
 
 from lightning_forget.cache import ModelCache, training_keys
-from lightning_forget.checkpoints import load_checkpoint
-from lightning_forget.classes import resolve_classes
+from lightning_forget.checkpoints import extract_state_dict, load_checkpoint
+from lightning_forget.classes import check_already_forgotten, resolve_classes
 from lightning_forget.data import ClassificationData, few_shot_subset
 from lightning_forget.evaluable import plan_evidence
 from lightning_forget.evaluation import evaluate_forgetting
@@ -27,6 +28,7 @@ from lightning_forget.evidence import ProbeSettings, RelearnSettings
 from lightning_forget.measurable import evaluate_measured
 from lightning_forget.methods import ForgettingMethod, Recipe
 from lightning_forget.models import check_classifier
+from lightning_forget.record import Earlier, forgotten_before, state_digest
 from lightning_forget.settings import AtLeast, SettingError, check_settings, check_value, show
 
 # Trainer settings the app sets for every fit itself, and where to set them instead.
@@ -163,7 +165,9 @@ def build_run(
     Returns:
         The keyword arguments of :func:`~lightning_forget.pipeline.compare_and_report` but ``methods``,
         ``trainers``, ``out_dir`` and ``loading``: the data, classes, few-shot samples, network, recipe, seed,
-        original (from ``original.ckpt``), cache and keys, evaluator and the report's setting and config.
+        original (from ``original.ckpt``), cache and keys, evaluator and the report's setting and config; and, from
+        an ``original.ckpt`` that a forgetting produced (a ``forgotten_model.pt``), the classes it forgot (kept
+        forgotten, evaluated as forgotten and left out of retraining) and its record.
 
     Raises:
         SettingError, ValueError, OSError: naming the setting and what is wrong with it.
@@ -173,12 +177,17 @@ def build_run(
     name = _model_name(settings["model"])
     check_classifier(model, data, name)
     original = _load_original(model, settings["original"])
+    earlier, source = _earlier(settings["original"]["ckpt"], forget_classes, data.class_names)
     cache = ModelCache(settings["original"]["cache_dir"])
     cache.check_writable()
     keys = training_keys(settings, data, model, one_device)
     few_shot = few_shot_subset(data.train, settings["forget"]["shots"], seed=settings["seed"])
-    evaluate, notes = _evaluator(settings, data, forget_classes, progress, few_shot, model)
+    so_far = sorted([*forget_classes, *earlier.classes])
+    evaluate, notes = _evaluator(settings, data, so_far, progress, few_shot, model)
     return {
+        "already_forgotten": earlier.classes,
+        "previous_record": earlier.record,
+        "original_source": source,
         "data": data,
         "forget_classes": forget_classes,
         "few_shot": few_shot,
@@ -224,6 +233,33 @@ def _load_original(model: nn.Module, original: Mapping[str, Any]) -> nn.Module |
         return load_checkpoint(model, ckpt, original["key_prefix"])
     except (OSError, ValueError) as err:
         raise SettingError(f"original.ckpt={ckpt}: {err}") from None
+
+
+def _earlier(
+    ckpt: str | None, forget_classes: Sequence[int], class_names: Sequence[str]
+) -> tuple[Earlier, dict[str, Any] | None]:
+    """What ``original.ckpt`` says of the requests it comes from, and its file and weights' sha256 (for the record).
+
+    Raises:
+        SettingError: when ``forget.classes`` names a class it already forgot, or the two name every class.
+    """
+    if ckpt is None:
+        return Earlier([], None), None
+    file = Path(ckpt).expanduser().resolve()
+    saved = torch.load(file, map_location="cpu", weights_only=True)  # it loaded already: see _load_original
+    earlier = forgotten_before(saved)
+    again = sorted(set(earlier.classes) & set(forget_classes))
+    if again:
+        named = ", ".join(f"{c} ({class_names[c]})" for c in again)
+        raise SettingError(
+            f"forget.classes names class {named}, which the request original.ckpt={ckpt} comes from forgot already "
+            f"(forgotten so far: {earlier.classes}): name only new classes; the earlier ones stay forgotten."
+        )
+    try:
+        check_already_forgotten(earlier.classes, forget_classes, len(class_names))
+    except ValueError as err:
+        raise SettingError(f"original.ckpt={ckpt} comes from a forgetting: {err}") from None
+    return earlier, {"file": str(file), "sha256": state_digest(extract_state_dict(saved, source=str(file)))}
 
 
 def _evaluator(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import logging
@@ -31,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_forget.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
-from lightning_forget.classes import check_forget_classes
+from lightning_forget.classes import check_already_forgotten, check_forget_classes
 from lightning_forget.features import captured_inputs, final_linear
 from lightning_forget.holdout import HeldBack, WithoutHeldBack, hold_back, keep_rows
 from lightning_forget.masks import (
@@ -44,6 +45,7 @@ from lightning_forget.masks import (
     verify,
 )
 from lightning_forget.objective import ForgettingObjective
+from lightning_forget.record import batch_rows, make_record, previous_sha256, samples_digest, state_digest, utc_now
 from lightning_forget.relevance import SCORES, Score, eval_mode, relevance_scores
 from lightning_forget.verdict import Evidence, ForgetCriterion, Verdict, measure
 
@@ -165,9 +167,17 @@ class ClassForgetting(Callback):
             random augmentation cannot be held back from: pass ``verdict_data`` then.
         verdict_data: batches, in the training batches' format, of samples the fit does not train
             on, for the verdict; ``holdout`` is then not used.
+        already_forgotten: classes an earlier request forgot (a model that comes from a forgetting:
+            see :func:`~lightning_forget.record.forgotten_before`), kept forgotten: the objective, the
+            stop rule and the verdict treat them as forgotten classes (their samples, where the data
+            has some, get zero target mass; every other sample's target has them renormalised away),
+            while the relevance scores look for the new ``forget_classes`` only (samples of these
+            classes are left out of the scoring: the model no longer predicts their labels).
+        previous_record: the record of that earlier request (or its sha256): :meth:`record` names
+            it as ``previous_record``, so that the requests form a chain.
 
     Raises:
-        ValueError: for invalid ``forget_classes``, ``fraction`` or ``score``.
+        ValueError: for invalid ``forget_classes``, ``already_forgotten``, ``fraction`` or ``score``.
     """
 
     def __init__(
@@ -190,8 +200,12 @@ class ClassForgetting(Callback):
         impair: float = DEFAULT_IMPAIR,
         holdout: int = 1,
         verdict_data: Iterable[Any] | None = None,
+        already_forgotten: Sequence[int] = (),
+        previous_record: Mapping[str, Any] | str | None = None,
     ) -> None:
         self.forget_classes = check_forget_classes(forget_classes)
+        self.already_forgotten = check_already_forgotten(already_forgotten, self.forget_classes)
+        self._previous_record = previous_sha256(previous_record)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
         if score not in SCORES:
@@ -245,6 +259,36 @@ class ClassForgetting(Callback):
         self._warned: set[tuple[str, str]] = set()
         self._pending_monitors: list[tuple[str, str]] | None = None
         self._sanity_steps: int | float | None = None
+        self._record: dict[str, Any] | None = None
+        self._input_sha256: str | None = None
+        self._started = ""
+        self._used_samples: dict[str, Any] = {}
+        self._optimizers: list[dict[str, Any]] = []
+        self._fit_ended = False
+
+    @property
+    def forgotten_so_far(self) -> list[int]:
+        """``forget_classes`` and ``already_forgotten``: every class the fitted model has forgotten."""
+        return sorted([*self.forget_classes, *self.already_forgotten])
+
+    def record(self) -> dict[str, Any]:
+        """The record of the last fit: what was done, with the hashes that prove it (:mod:`lightning_forget.record`).
+
+        A plain, JSON-serialisable dict: the sha256 of the LightningModule's ``state_dict`` when the fit started
+        (``weights.input_sha256``) and when it ended (``output_sha256``; what ``trainer.save_checkpoint`` and
+        ``torch.save(module.state_dict())`` store), of the masks, the classes, the sha256 of the samples of the
+        fit's training data (this process's share under DDP), the settings and the optimizers, the library
+        versions, the verdict and its evidence, the UTC times and ``previous_record``. It is also in the callback's
+        checkpoint state once the fit has ended (save the checkpoint after the fit). ``python -m
+        lightning_forget.verify`` checks it against the files (:func:`~lightning_forget.record.write_record`
+        writes it).
+
+        Raises:
+            RuntimeError: before a fit has ended.
+        """
+        if self._record is None:
+            raise RuntimeError("ClassForgetting.record needs a finished fit: there is no record yet.")
+        return copy.deepcopy(self._record)
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -401,8 +445,13 @@ class ClassForgetting(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
         _check_finite(pl_module)
+        self._record, self._fit_ended = None, False
+        if not self._restored or self._input_sha256 is None:  # a resumed fit keeps the weights it started from
+            self._input_sha256, self._started = state_digest(pl_module.state_dict()), utc_now()
         self._samples = self._samples_of(trainer)
         self._sample_format = self.batch_format
+        self._used_samples = self._hash_samples()
+        self._optimizers = [_optimizer_settings(o) for o in trainer.optimizers]
         self._choose_judged_samples()
         forward = _forward_of(trainer, pl_module)
         same_module = self._scored_for is not None and self._scored_for() is pl_module
@@ -464,6 +513,17 @@ class ClassForgetting(Callback):
         batch_size = loader.batch_size or 1
         return DataLoader(loader.dataset, batch_size=batch_size, sampler=shard, collate_fn=loader.collate_fn)
 
+    def _hash_samples(self) -> dict[str, Any]:
+        """How many samples the fit's data holds, and their sha256 (:func:`~lightning_forget.record.samples_digest`)."""
+        fmt = self.batch_format
+        try:
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: leave the fit's random stream
+                rows = (row for batch in self._samples for row in batch_rows(*fmt.split(batch)))
+                digest, count = samples_digest(rows)
+        except Exception as error:  # inputs that are not tensors: the record says why there is no hash
+            return {"count": None, "sha256": None, "why": f"the inputs cannot be hashed ({error})"}
+        return {"count": count, "sha256": digest}
+
     def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, forward: Callable) -> dict[str, Tensor]:
         scores = relevance_scores(
             pl_module,
@@ -475,6 +535,7 @@ class ClassForgetting(Callback):
             reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
             seed=self.seed,
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+            ignore_classes=self.already_forgotten,
         )
         return top_fraction_masks(scores, self.fraction, self.per_tensor)
 
@@ -518,7 +579,7 @@ class ClassForgetting(Callback):
             return measure(
                 forward,
                 self._samples if batches is None else batches,
-                self.forget_classes,
+                self.forgotten_so_far,
                 batch_format=batch_format or self._sample_format,
                 device=pl_module.device,
                 reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
@@ -526,7 +587,7 @@ class ClassForgetting(Callback):
 
     def _install_objective(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> None:
         """Replace ``training_step`` for this fit: the objective against the snapshot taken at fit start."""
-        objective, teacher, fmt, classes = self.objective, self._teacher, self.batch_format, self.forget_classes
+        objective, teacher, fmt, classes = self.objective, self._teacher, self.batch_format, self.forgotten_so_far
         head, prototypes = self._feature_targets(pl_module, trainer) if objective.feature_weight else (None, None)
 
         held = self._held_back
@@ -598,7 +659,8 @@ class ClassForgetting(Callback):
         selected, total = sum(r["selected"] for r in rows), sum(r["total"] for r in rows)
         lines = [
             f"ClassForgetting: {selected:,} of {total:,} parameter entries ({selected / total:.2%}) may change "
-            f"to forget classes {self.forget_classes}:"
+            f"to forget classes {self.forget_classes}"
+            + (f" (keeping {self.already_forgotten} forgotten):" if self.already_forgotten else ":")
         ]
         lines += [f"  {r['name']}: {r['selected']:,} / {r['total']:,}" for r in rows if r["selected"]]
         return "\n".join(lines)
@@ -684,9 +746,10 @@ class ClassForgetting(Callback):
                 before, after, not_judged, judged_on = self._before, trained, "", "trained"
         else:
             shortfalls = self.criterion.shortfalls(before, after)
+        self._fit_ended = True
         self.verdict = Verdict(
             forgotten=not not_judged and not shortfalls,
-            forget_classes=self.forget_classes,
+            forget_classes=self.forgotten_so_far,
             before=None if not_judged else before,
             after=None if not_judged else after,
             epochs=trainer.current_epoch,
@@ -722,7 +785,55 @@ class ClassForgetting(Callback):
         # Teardown runs after every callback's on_train_end and on_fit_end: the last place to catch a write.
         self._restore_sanity_steps(trainer)
         self._enforce(pl_module, _AT_END)
+        if stage == "fit" and self._fit_ended and self.verdict is not None:
+            self._record, self._fit_ended = self._make_record(trainer, pl_module), False
         self._release(pl_module)
+
+    def _make_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The record of the fit that just ended (see :meth:`record`)."""
+        verdict = self.verdict
+        assert verdict is not None and self._input_sha256 is not None
+        settings = {
+            "fraction": self.fraction,
+            "score": self.score,
+            "per_tensor": self.per_tensor,
+            "seed": self.seed,
+            "impair": self.impair,
+            "holdout": self.holdout,
+            "patience": self.patience,
+            "stop_when_forgotten": self.stop_when_forgotten,
+            "freeze_bn_stats": self.freeze_bn_stats,
+            "objective": self.objective,
+            "criterion": self.criterion,
+            "masks": "given" if self._given is not None else "scored",
+            "scoring_data": "given" if self.scoring_data is not None else "the training dataloader",
+            "verdict_data": "given" if self.verdict_data is not None else None,
+            "optimizers": self._optimizers,
+            "max_epochs": trainer.max_epochs,
+            "precision": trainer.precision,
+            "world_size": trainer.world_size,
+        }
+        evidence = {k: getattr(verdict, k) for k in ("before", "after", "trained", "judged_on", "epochs")}
+        return make_record(
+            input_state=self._input_sha256,
+            output_state=pl_module.state_dict(),
+            masks=self._masks,
+            forget_classes=self.forget_classes,
+            already_forgotten=self.already_forgotten,
+            samples={**self._used_samples, "indices": None},
+            method="ClassForgetting",
+            settings=settings,
+            evidence=evidence,
+            verdict={
+                "forgotten": verdict.forgotten,
+                "judged": verdict.judged,
+                "shortfalls": verdict.shortfalls,
+                "not_judged": verdict.not_judged,
+                "text": str(verdict),
+            },
+            started=self._started,
+            previous_record=self._previous_record,
+        )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_sanity_steps(trainer)
@@ -825,10 +936,16 @@ class ClassForgetting(Callback):
             "score": self.score,
             "per_tensor": self.per_tensor,
             "seed": self.seed,
+            "already_forgotten": self.already_forgotten,
         }
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"masks": {n: m.cpu() for n, m in self._masks.items()}, **self._settings()}
+        state["forgotten_so_far"] = self.forgotten_so_far
+        if self._input_sha256 is not None:
+            state["input_sha256"], state["started"] = self._input_sha256, self._started
+        if self._record is not None:
+            state["record"] = copy.deepcopy(self._record)
         if self._before is not None:
             state["before"] = dataclasses.asdict(self._before)
         if self._before_judged is not None:
@@ -841,6 +958,7 @@ class ClassForgetting(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = {"already_forgotten": [], **state_dict}  # a checkpoint from before sequential requests
         differ = {k: (state_dict.get(k), v) for k, v in self._settings().items() if state_dict.get(k) != v}
         if differ:
             described = ", ".join(f"{k}: checkpoint {a!r}, callback {b!r}" for k, (a, b) in differ.items())
@@ -853,6 +971,7 @@ class ClassForgetting(Callback):
         self._before = Evidence(**state_dict["before"]) if "before" in state_dict else None
         judged = state_dict.get("before_judged")
         self._before_judged = Evidence(**judged) if judged is not None else None
+        self._input_sha256, self._started = state_dict.get("input_sha256"), state_dict.get("started", "")
         self._restored = True
 
 
@@ -970,6 +1089,12 @@ def _check_sparse(pl_module: pl.LightningModule) -> None:
             "the embedding with sparse=False (or set module.sparse = False before the fit) and use a dense "
             "optimizer such as Adam instead of SparseAdam: the weights and the checkpoint stay the same."
         )
+
+
+def _optimizer_settings(optimizer: Optimizer) -> dict[str, Any]:
+    """An optimizer's type and the settings of its first parameter group, for the record."""
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    return {"type": type(optimizer).__name__, **{k: v for k, v in groups[0].items() if k != "params"}}
 
 
 def _check_bool(name: str, value: object) -> None:

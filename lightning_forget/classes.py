@@ -44,6 +44,44 @@ def check_forget_classes(forget_classes: Sequence[int], num_classes: int | None 
     return sorted(ids)
 
 
+def check_already_forgotten(
+    already_forgotten: Sequence[int], forget_classes: Sequence[int], num_classes: int | None = None
+) -> list[int]:
+    """Validate the classes an earlier request forgot, which a new request keeps forgotten.
+
+    Args:
+        already_forgotten: class indices forgotten before; may be empty.
+        forget_classes: the classes of the new request (already validated).
+        num_classes: number of classes; ``None`` skips the range check until it is known.
+
+    Returns:
+        The ids as a sorted list of ``int``.
+
+    Raises:
+        ValueError: for a non-integer, negative, duplicate or out-of-range id, a class also in
+            ``forget_classes``, or when the two together name every class.
+    """
+    ids = list(already_forgotten)
+    if not ids:
+        return []
+    try:
+        ids = check_forget_classes(ids, num_classes)
+    except ValueError as err:
+        raise ValueError(str(err).replace("forget_classes", "already_forgotten", 1)) from None
+    shared = sorted(set(ids) & set(forget_classes))
+    if shared:
+        raise ValueError(
+            f"already_forgotten and forget_classes share class {shared}: a class forgotten by an earlier request "
+            "stays forgotten; name only the new classes in forget_classes."
+        )
+    if num_classes is not None and len(ids) + len(forget_classes) >= num_classes:
+        raise ValueError(
+            f"already_forgotten {ids} and forget_classes {list(forget_classes)} together name all {num_classes} "
+            "classes: at least one class must remain to keep a classifier."
+        )
+    return ids
+
+
 def remaining_classes(forget_classes: Sequence[int], num_classes: int) -> list[int]:
     """The classes that are kept: ``range(num_classes)`` less ``forget_classes``."""
     forgotten = set(check_forget_classes(forget_classes, num_classes))

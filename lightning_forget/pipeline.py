@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +20,7 @@ from lightning_forget.data import ClassificationData, dataset_labels
 from lightning_forget.measurable import add_anamnesis_index, not_checked
 from lightning_forget.methods.base import ForgettingMethod, ForgettingTask, Outcome, Recipe, TrainerFactory
 from lightning_forget.methods.base import train_classifier as _train
+from lightning_forget.record import make_record, record_digest, samples_digest, state_digest, utc_now
 from lightning_forget.runs import write_run
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,11 @@ def compare(
         for row in figures.values():
             add_anamnesis_index(row, figures["retrain"])
     primary = next(iter(methods))
-    return Comparison(outcomes, figures, build_report(primary, task.forget_classes, figures))
+    report = build_report(primary, task.forget_classes, figures)
+    report["forgotten_so_far"] = task.forgotten_so_far  # the evaluation's forgotten classes: every request's
+    if task.already_forgotten:
+        report["already_forgotten"] = task.already_forgotten
+    return Comparison(outcomes, figures, report)
 
 
 def compare_and_report(
@@ -154,8 +159,14 @@ def compare_and_report(
     cache: ModelCache | None = None,
     keys: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
     about: Mapping[str, Any] | None = None,
+    already_forgotten: Sequence[int] = (),
+    previous_record: Mapping[str, Any] | None = None,
+    original_source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """A whole run: the original (given, cached or trained), :func:`compare`, the report and the run's files.
+
+    The run's files include ``forgetting_record.json`` (see :func:`run_record`), whose sha256 the report and
+    ``forgotten_model.pt`` name.
 
     Args:
         data: the dataset.
@@ -177,10 +188,16 @@ def compare_and_report(
         keys: the cache keys of fits on one device and of fits with the configured trainer (see
             :func:`~lightning_forget.cache.training_keys`).
         about: entries added to the report (the run's setting and config).
+        already_forgotten: classes earlier requests forgot (``original`` comes from a forgetting): kept forgotten,
+            evaluated as forgotten classes, and left out of retraining.
+        previous_record: the record of the request ``original`` comes from; the run's record names its sha256.
+        original_source: ``file`` and ``sha256`` (:func:`~lightning_forget.record.state_digest` of its weights) of
+            the file ``original`` was read from; ``None`` when it is trained or cached here.
 
     Returns:
         The report, or ``None`` on a DDP rank other than zero (rank zero reports).
     """
+    started = utc_now()
     L.seed_everything(seed, verbose=False)
     single, configured = keys if keys is not None else (None, None)
     seconds = None
@@ -189,7 +206,11 @@ def compare_and_report(
             make_model, data.train, data.num_classes, recipe, trainers("original", False), cache, single,
             prefix=f"original-{model_name}",
         )  # fmt: skip
-    task = ForgettingTask(original, make_model, data.train, few_shot, forget_classes, data.num_classes, recipe)
+    if original_source is None and cache is not None and single is not None:
+        original_source = {"file": str(cache.path(single, f"original-{model_name}")), "sha256": None}
+    task = ForgettingTask(
+        original, make_model, data.train, few_shot, forget_classes, data.num_classes, recipe, list(already_forgotten)
+    )
     first = next(iter(methods))
     comparison = compare(
         task,
@@ -205,8 +226,52 @@ def compare_and_report(
     if comparison is None:
         return None
     report = comparison.report | {"class_names": data.class_names, **(about or {})}
-    write_run(out_dir, report, comparison.outcomes[first], data.class_names, loading)
+    outcome = comparison.outcomes[first]
+    record = run_record(report, outcome, task, data, few_shot, started, previous_record, original_source)
+    report["record_sha256"] = record_digest(record)
+    write_run(out_dir, report, outcome, data.class_names, loading, record=record)
     return report
+
+
+def run_record(
+    report: Mapping[str, Any],
+    outcome: Outcome,
+    task: ForgettingTask,
+    data: ClassificationData,
+    few_shot: Subset,
+    started: str,
+    previous_record: Mapping[str, Any] | None = None,
+    original_source: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The record of a run (see :mod:`lightning_forget.record`): the method under test's forgetting.
+
+    The input weights are those of ``original_source``'s file as stored (with ``original.ckpt``), else the
+    original's ``state_dict`` (trained or cached here); the output weights and masks are those of
+    ``forgotten_model.pt``. The samples are the few-shot set (indices into the training set, and the sha256 of
+    their images with evaluation transforms and labels); the evidence is the report's rows of the method, the
+    original and retraining; the verdict is the report's.
+    """
+    method = report["method"]
+    source = original_source or {}
+    state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+    content, count = samples_digest((data.train_eval[i][0], int(data.train_eval[i][1])) for i in few_shot.indices)
+    config = report.get("config", {})
+    return make_record(
+        input_state=source.get("sha256") or state_digest(task.original.state_dict()),
+        input_file=source.get("file"),
+        output_state=state,
+        masks=outcome.masks,
+        forget_classes=task.forget_classes,
+        already_forgotten=task.already_forgotten,
+        class_names=data.class_names,
+        samples={"count": count, "sha256": content, "indices": list(few_shot.indices), "dataset": "train"},
+        method=method,
+        settings={**config.get("method", {}), "run": report.get("setting", {})},
+        evidence={name: report["models"][name] for name in (method, "original", "retrain") if name in report["models"]},
+        verdict=report["verdict"],
+        started=started,
+        previous_record=previous_record,
+    )
 
 
 def _run(
@@ -219,7 +284,7 @@ def _run(
 ) -> Outcome:
     if not (method.cacheable and cache is not None and cache_key is not None):
         return method.run(task, make_trainer)
-    key = {**cache_key, "method": name, "data": method.data, "forget_classes": task.forget_classes}
+    key = {**cache_key, "method": name, "data": method.data, "forget_classes": task.forgotten_so_far}
     if method.data == "few_shot":  # which samples were drawn (shots, seed) shapes the model too
         key["few_shot"] = _indices_digest(task.few_shot)
     model = task.make_model()

@@ -43,6 +43,7 @@ def relevance_scores(
     reduce: Callable[[Tensor], Tensor] = lambda t: t,
     seed: int = 0,
     progress: bool = False,
+    ignore_classes: Sequence[int] = (),
 ) -> dict[str, Tensor]:
     """Score every entry of every trainable parameter for its relevance to ``forget_classes``.
 
@@ -63,6 +64,9 @@ def relevance_scores(
         reduce: sums a tensor across processes; the identity in one process.
         seed: seed of the ``random`` score.
         progress: show a progress bar over the batches.
+        ignore_classes: samples of these classes are left out of the scores (the classes an earlier
+            request forgot: the model no longer predicts their labels, so their gradients locate
+            nothing of the classes being forgotten now).
 
     Returns:
         Parameter name (as in ``named_parameters``) to a float tensor of its shape.
@@ -81,7 +85,15 @@ def relevance_scores(
 
     power = 2 if score == "fisher_ratio" else 1
     forget_sum, retain_sum, counts = gradient_moments(
-        module, params, batches, forget_classes, power, batch_format=batch_format, forward=forward, progress=progress
+        module,
+        params,
+        batches,
+        forget_classes,
+        power,
+        batch_format=batch_format,
+        forward=forward,
+        progress=progress,
+        ignore_classes=ignore_classes,
     )
     flat = reduce(torch.cat([counts] + [t.flatten() for t in forget_sum + retain_sum]))
     counts, (forget_total, retain_total) = flat[:2], flat[2:].chunk(2)
@@ -117,8 +129,11 @@ def gradient_moments(
     batch_format: BatchFormat | None = None,
     forward: Callable[[Any], Any] | None = None,
     progress: bool = False,
+    ignore_classes: Sequence[int] = (),
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Per-sample cross-entropy gradients of ``params``, with ``module`` in eval mode.
+
+    Samples of ``ignore_classes`` are skipped.
 
     Returns:
         Sums of ``|g|**power`` per entry over the forgotten-class samples and over the
@@ -132,18 +147,22 @@ def gradient_moments(
     retain_sum = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
     counts = torch.zeros(2, device=device)
     forgotten = torch.tensor(list(forget_classes), device=device)
+    ignored = {int(c) for c in ignore_classes}
+    highest = max([*forget_classes, *ignored])
     with eval_mode(module), torch.enable_grad():
         for batch in tqdm(batches, desc="Relevance scoring", disable=not progress, leave=False):
             inputs, targets = batch_format.split(batch)
             check_targets(targets)
             inputs, targets = inputs.to(device), targets.to(device)
             for x, y in zip(inputs, targets):
+                if ignored and int(y) in ignored:
+                    continue
                 logits = batch_format.logits_of(forward(x.unsqueeze(0)))
                 check_targets(y.view(1), logits.shape[-1])
-                if int(forgotten.max()) >= logits.shape[-1]:
+                if highest >= logits.shape[-1]:
                     raise ValueError(
-                        f"Class id {int(forgotten.max())} is outside the model's {logits.shape[-1]} output logits: "
-                        "check forget_classes."
+                        f"Class id {highest} is outside the model's {logits.shape[-1]} output logits: "
+                        "check forget_classes (and already_forgotten)."
                     )
                 loss = F.cross_entropy(logits.float(), y.view(1))
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True)

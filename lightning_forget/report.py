@@ -75,6 +75,9 @@ def describe_run(report: dict[str, Any]) -> str:
     classes = _class_labels(report)
     setting = report.get("setting", {})
     described = ", ".join(f"{k} {v}" for k, v in setting.items())
+    earlier = report.get("already_forgotten")
+    if earlier:  # a later request: the earlier classes are kept forgotten and evaluated as forgotten
+        classes += f"; forgotten by earlier requests and kept forgotten: {_class_labels(report, earlier)}"
     return f"Forgotten classes: {classes}." + (f" {described}." if described else "")
 
 
@@ -102,9 +105,10 @@ def not_measured_lines(models: dict[str, dict[str, Any]]) -> list[str]:
     return [f"Not measured: {', '.join(n)} ({', '.join(r)}): {reason}." for reason, (n, r) in groups.items()]
 
 
-def _class_labels(report: dict[str, Any]) -> str:
+def _class_labels(report: dict[str, Any], classes: Sequence[int] | None = None) -> str:
     names = report.get("class_names")
-    return ", ".join(f"{c} ({names[c]})" if names else str(c) for c in report["forget_classes"])
+    chosen = report["forget_classes"] if classes is None else classes
+    return ", ".join(f"{c} ({names[c]})" if names else str(c) for c in chosen)
 
 
 def plot_per_class(report: dict[str, Any], class_names: Sequence[str], path: str | Path) -> None:
@@ -117,7 +121,8 @@ def plot_per_class(report: dict[str, Any], class_names: Sequence[str], path: str
     models = report["models"]
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(class_names) * max(2, len(models))), 4.2))
-    for c in report["forget_classes"]:
+    forgotten_classes = report.get("forgotten_so_far", report["forget_classes"])
+    for c in forgotten_classes:
         ax.axvspan(c - 0.45, c + 0.45, color="0.9", zorder=0)
     for i, (name, figures) in enumerate(models.items()):
         positions = [c - 0.4 + width * (i + 0.5) for c in range(len(class_names))]
@@ -125,7 +130,7 @@ def plot_per_class(report: dict[str, Any], class_names: Sequence[str], path: str
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    forgotten = ", ".join(class_names[c] for c in report["forget_classes"])
+    forgotten = ", ".join(class_names[c] for c in forgotten_classes)
     ax.set_title(f"Per-class test accuracy; shaded: forgotten ({forgotten})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     fig.tight_layout()

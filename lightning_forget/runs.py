@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lightning_forget.methods.base import Outcome
+from lightning_forget.record import RECORD_FILE, write_record
 from lightning_forget.report import markdown_table, write_report
 
 try:
@@ -178,12 +179,18 @@ def load_line(model: Mapping[str, Any], data_shape: Mapping[str, Any], path: str
 
 
 def write_run(
-    out_dir: Path, report: dict[str, Any], outcome: Outcome, class_names: Sequence[str], loading: Callable[..., str]
+    out_dir: Path,
+    report: dict[str, Any],
+    outcome: Outcome,
+    class_names: Sequence[str],
+    loading: Callable[..., str],
+    record: dict[str, Any] | None = None,
 ) -> None:
     """Write a finished run's files and say on stdout where they are, how to load the model, and the table.
 
-    ``forgotten_model.pt`` holds the weights, the masks and the report; ``report.json`` comes last (see
-    :func:`~lightning_forget.report.write_report`).
+    ``forgotten_model.pt`` holds the weights, the masks, the report and, with a ``record``, the record, its sha256
+    and every class forgotten so far (what a later request starting from it reads); the record is also written to
+    ``forgetting_record.json``. ``report.json`` comes last (see :func:`~lightning_forget.report.write_report`).
 
     Args:
         out_dir: the run folder.
@@ -191,11 +198,23 @@ def write_run(
         outcome: the method under test's outcome.
         class_names: the dataset's class names.
         loading: a path to the line of code that loads the model from it (see :func:`load_line`).
+        record: the run's forgetting record (see :func:`~lightning_forget.pipeline.run_record`).
     """
     state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
-    torch.save({"state_dict": state, "masks": outcome.masks, "report": report}, out_dir / MODEL_FILE)
-    note = f"Load the forgotten model (Python, in this folder):\n\n    {loading(MODEL_FILE)}"
-    write_report(report, out_dir, class_names, notes=[note])
-    print(f"Wrote report.md, report.json, per_class_accuracy.png and {MODEL_FILE} to {out_dir}")
+    saved: dict[str, Any] = {"state_dict": state, "masks": outcome.masks, "report": report}
+    notes = [f"Load the forgotten model (Python, in this folder):\n\n    {loading(MODEL_FILE)}"]
+    if record is not None:
+        digest = write_record(record, out_dir / RECORD_FILE)
+        saved |= {"record": record, "record_sha256": digest, "forgotten_so_far": record["classes"]["forgotten_so_far"]}
+        original = record["weights"].get("input_file") or "<the original's file>"
+        notes.append(
+            f"What was done, with the sha256 of the weights, masks and samples: {RECORD_FILE} (sha256 {digest}). "
+            f"Check it without the data: `python -m lightning_forget.verify {RECORD_FILE} --original {original} "
+            f"--forgotten {MODEL_FILE}`."
+        )
+    torch.save(saved, out_dir / MODEL_FILE)
+    write_report(report, out_dir, class_names, notes=notes)
+    files = f"{MODEL_FILE} and {RECORD_FILE}" if record is not None else MODEL_FILE
+    print(f"Wrote report.md, report.json, per_class_accuracy.png, {files} to {out_dir}")
     print(f"Load the forgotten model: {loading(str(out_dir / MODEL_FILE))}\n")
     print(markdown_table(report), end="")

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_forget.classes import check_forget_classes, remaining_classes
+from lightning_forget.classes import check_already_forgotten, check_forget_classes, remaining_classes
 from lightning_forget.data import dataset_labels
 from lightning_forget.module import ClassifierModule, check_optimizer_settings
 from lightning_forget.verdict import Verdict
@@ -71,6 +71,9 @@ class ForgettingTask:
         forget_classes: the classes to forget.
         num_classes: number of classes.
         train_recipe: the original's recipe, used to retrain.
+        already_forgotten: classes an earlier request forgot (the original comes from a forgetting); every
+            method keeps them forgotten: they are forgotten classes for its objective and its data
+            (:meth:`of_classes`), and retraining leaves them out too.
     """
 
     original: nn.Module
@@ -80,17 +83,25 @@ class ForgettingTask:
     forget_classes: list[int]
     num_classes: int
     train_recipe: Recipe
+    already_forgotten: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.forget_classes = check_forget_classes(self.forget_classes, self.num_classes)
+        self.already_forgotten = check_already_forgotten(self.already_forgotten, self.forget_classes, self.num_classes)
+
+    @property
+    def forgotten_so_far(self) -> list[int]:
+        """``forget_classes`` and ``already_forgotten``: the classes the produced model must not know."""
+        return sorted([*self.forget_classes, *self.already_forgotten])
 
     def data(self, regime: DataRegime) -> Dataset:
         """The samples of a data regime: the few-shot set or the whole training set."""
         return self.few_shot if regime == "few_shot" else self.train_data
 
     def of_classes(self, dataset: Dataset, forgotten: bool) -> Subset:
-        """The samples of ``dataset`` from the forgotten (or the remaining) classes."""
-        keep = set(self.forget_classes if forgotten else remaining_classes(self.forget_classes, self.num_classes))
+        """The samples of ``dataset`` from the forgotten classes (earlier requests' included), or from the others."""
+        so_far = self.forgotten_so_far
+        keep = set(so_far if forgotten else remaining_classes(so_far, self.num_classes))
         return Subset(dataset, [i for i, y in enumerate(dataset_labels(dataset).tolist()) if y in keep])
 
 

@@ -54,7 +54,7 @@ class Delete(ForgettingMethod):
         model = copy.deepcopy(task.original)
         teacher = copy.deepcopy(task.original).eval().requires_grad_(False)
         forgotten = torch.zeros(task.num_classes, dtype=torch.bool)
-        forgotten[task.forget_classes] = True
+        forgotten[task.forgotten_so_far] = True
 
         def loss(module: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
             with torch.no_grad():

@@ -58,7 +58,7 @@ class RandomLabel(ForgettingMethod):
 
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         model = copy.deepcopy(task.original)
-        loss = random_label_loss(task.forget_classes, task.num_classes)
+        loss = random_label_loss(task.forgotten_so_far, task.num_classes)
         module = LossModule(model, task.num_classes, loss, **self.recipe.module_kwargs())
         data = task.data(self.data)
         trainer = make_trainer(max_epochs=self.recipe.epochs)

@@ -104,8 +104,8 @@ class Relevance(ForgettingMethod):
             frozen = [p for p in model.parameters() if p.requires_grad and (id(p) in in_head) == freeze_head]
         for p in frozen:
             p.requires_grad_(False)
-        module = ForgettingModule(model, task.forget_classes, task.num_classes, **self.recipe.module_kwargs())
-        callback = ClassForgetting(task.forget_classes, **self.options)
+        module = ForgettingModule(model, task.forgotten_so_far, task.num_classes, **self.recipe.module_kwargs())
+        callback = ClassForgetting(task.forget_classes, already_forgotten=task.already_forgotten, **self.options)
         data = task.data(self.data)
         trainer = make_trainer(max_epochs=self.recipe.epochs, callbacks=[callback])
         try:

@@ -63,11 +63,12 @@ class SalUn(ForgettingMethod):
         module = LossModule(
             model,
             task.num_classes,
-            random_label_loss(task.forget_classes, task.num_classes),
+            random_label_loss(task.forgotten_so_far, task.num_classes),
             **self.recipe.module_kwargs(),
         )
         callback = ClassForgetting(
             task.forget_classes,
+            already_forgotten=task.already_forgotten,
             masks={f"model.{n}": m for n, m in masks.items()},
             objective=None,
             impair=0.0,
