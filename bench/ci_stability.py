@@ -45,12 +45,14 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as log:
                 path = log.name
             env = {**os.environ, "LF_TEST_SEED": str(seed), "OMP_NUM_THREADS": str(threads), "LF_BOUNDS_LOG": path}
-            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests]
+            command = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *args.tests]
             result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
             summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
             print(f"seed {seed}, {threads} thread(s): {summary}", flush=True)
             if result.returncode:
-                failures.append({"seed": seed, "threads": threads, "summary": summary})
+                failed = [line.split(" - ")[0] for line in result.stdout.splitlines() if line.startswith("FAILED")]
+                failures.append({"seed": seed, "threads": threads, "summary": summary, "failed": failed})
+                print("\n".join(f"  {name}" for name in failed), flush=True)
             rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
             records += [{**r, "threads": threads} for r in rows]
             os.unlink(path)

@@ -700,7 +700,7 @@ class ClassForgetting(Callback):
             optimizers = ", ".join(f"{type(o).__name__}(lr={o.param_groups[0]['lr']:g})" for o in trainer.optimizers)
             raise FloatingPointError(
                 f"ClassForgetting: the loss became {float(loss)} at step {trainer.global_step} with {optimizers}: "
-                f"the training diverged; {restored}. Lower the learning rate (Adam at 1e-2, as ForgettingModule "
+                f"the training diverged; {restored}. Lower the learning rate (Adam at 5e-3, as ForgettingModule "
                 "uses, forgets well), or clip gradients."
             )
 

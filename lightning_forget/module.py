@@ -136,7 +136,7 @@ class ForgettingModule(ClassifierModule):
 
     The forgetting is done by the :class:`~lightning_forget.ClassForgetting` callback (scoring,
     masks, objective, stop rule and verdict); this module brings the model, the optimizer
-    recipe that forgets well (Adam, lr 1e-2) and the forgotten/remaining accuracies of
+    recipe that forgets well (Adam, lr 5e-3) and the forgotten/remaining accuracies of
     validation and test. When the trainer has no ``ClassForgetting`` callback, the module adds
     one with the default settings, so ``Trainer().fit(ForgettingModule(...), loader)`` forgets.
 
@@ -156,7 +156,7 @@ class ForgettingModule(ClassifierModule):
         forget_classes: Sequence[int],
         num_classes: int,
         optimizer: Optimizer = "adam",
-        lr: float = 1e-2,
+        lr: float = 5e-3,
         weight_decay: float = 0.0,
         scheduler: Scheduler | None = None,
     ) -> None:

@@ -61,7 +61,7 @@ class ForgettingObjective:
     forget_weight: float = 1.0
     temperature: float = 2.0
     distill_target: DistillTarget = "renormalized"
-    feature_weight: float = 1.0
+    feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:

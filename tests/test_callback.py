@@ -196,7 +196,8 @@ def test_the_fit_stops_once_the_classes_stay_forgotten_for_patience_epochs():
     epochs = {}
     for patience in (1, 4):
         torch.manual_seed(TEST_SEED)
-        callback = ClassForgetting([1], patience=patience)
+        # Judged on the samples the stop rule sees (given as verdict_data), not impaired: this test is about the rule.
+        callback = ClassForgetting([1], patience=patience, verdict_data=tiny_loader(), impair=0.0)
         trainer = quiet_trainer(max_epochs=60, callbacks=[callback])
         trainer.fit(ForgettingModule(tiny_net(), [1], 4, lr=0.05), tiny_loader())
         assert callback.verdict.forgotten

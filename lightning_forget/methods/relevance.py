@@ -30,7 +30,7 @@ from lightning_forget.objective import ForgettingObjective
 from lightning_forget.relevance import Score
 from lightning_forget.verdict import ForgetCriterion
 
-DEFAULT_RECIPE = Recipe(epochs=50, batch_size=32, optimizer="adam", lr=1e-2)
+DEFAULT_RECIPE = Recipe(epochs=50, batch_size=32, optimizer="adam", lr=5e-3)
 Layers = Literal["all", "head", "features"]
 LAYERS: tuple[str, ...] = ("all", "head", "features")
 
