@@ -361,7 +361,7 @@ def test_evaluate_forgetting_adds_the_evidence_and_keeps_its_figures(data, train
     bound("evidence/evaluate_probe_of_suppressed", full["probe_forget_acc"], ">", 0.9)
     assert full["relearn_target"] == pytest.approx(_forget_acc(trained, data.test) / 2)
     assert full["relearn_steps"] is not None
-    bound("evidence/evaluate_relearn_acc_2", full["relearn_acc_2"], ">", 0.5)
+    bound("evidence/evaluate_relearn_acc_2", full["relearn_acc_2"], ">", 0.3)  # 0.51-1.0 over seeds 0-4
     assert full["changed_fraction"] == pytest.approx(1 / sum(p.numel() for p in trained.parameters()))
     shift = float((trained[-1].bias - suppressed[-1].bias)[FORGET[0]].detach())
     norm = float(torch.cat([p.detach().flatten() for p in trained.parameters()]).double().norm())
