@@ -33,13 +33,11 @@ class HeldBack:
     Attributes:
         keys: fingerprints of the held-back samples.
         batches: the held-back samples as ``(inputs, targets)`` batches, for the verdict.
-        count: how many were held back.
         excluded: how many training rows the objective has left out so far.
     """
 
     keys: set[str]
     batches: list[tuple[Tensor, Tensor]]
-    count: int
     excluded: int = field(default=0)
 
 
@@ -84,7 +82,7 @@ def hold_back(
             "each class that the fit does not train on"
         )
     held = [(inputs[rows], targets[rows])]
-    return HeldBack(held_keys, held, len(rows)), ""
+    return HeldBack(held_keys, held), ""
 
 
 class WithoutHeldBack:
