@@ -47,6 +47,7 @@ from lightning_forget import (
     ClassForgetting,
     ForgetCriterion,
     ForgettingModule,
+    ForgettingObjective,
     build_model,
     evaluate_forgetting,
     few_shot_subset,
@@ -250,7 +251,10 @@ def forget(
     few = few_shot_subset(data.train, shots, seed=seed)
     L.seed_everything(seed, verbose=False)
     criterion = {} if args.criterion_kwargs is None else {"criterion": ForgetCriterion(**args.criterion_kwargs)}
-    callback = ClassForgetting(classes, **args.callback_kwargs, **criterion)
+    settings = dict(args.callback_kwargs)
+    if "objective" in settings:
+        settings["objective"] = ForgettingObjective(**settings["objective"])
+    callback = ClassForgetting(classes, **settings, **criterion)
     if stack == "wrapper":
         module: L.LightningModule = ForgettingModule(net, classes, data.num_classes, **args.module_kwargs)
     else:

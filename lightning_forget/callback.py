@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FRACTION = 0.1
 DEFAULT_IMPAIR = 0.5
+DEFAULT_IMPAIR_KEEP = 0.5
+_IMPAIR_HALVINGS = 4
 DEFAULT_OBJECTIVE = ForgettingObjective()
 DEFAULT_CRITERION = ForgetCriterion()
 DEFAULT_PATIENCE = 5
@@ -159,7 +161,11 @@ class ClassForgetting(Callback):
             damaged first and the objective then repairs the remaining classes from the
             fit-start snapshot, so the classes do not stay dormant in the weights and come back
             after a few fine-tuning steps. Entries outside the masks are never touched. Only with
-            an ``objective``: with ``objective=None`` nothing would repair the damage.
+            an ``objective``: with ``objective=None`` nothing would repair the damage. The share
+            used is in :attr:`impaired`.
+        impair_keep: the share of the remaining classes' accuracy on the samples that must survive
+            the impair: ``impair`` is halved (up to 4 times, else no impair) until it does, so that
+            the few shots can repair what was damaged.
         holdout: samples of every class (that has more than that many) held back from the fit, so
             that the verdict judges samples the fit did not train on; 0 holds none back (the
             verdict is then "not judged" unless ``verdict_data`` is given). Held-back samples are
@@ -198,6 +204,7 @@ class ClassForgetting(Callback):
         logits: LogitsSpec = None,
         seed: int = 0,
         impair: float = DEFAULT_IMPAIR,
+        impair_keep: float = DEFAULT_IMPAIR_KEEP,
         holdout: int = 1,
         verdict_data: Iterable[Any] | None = None,
         already_forgotten: Sequence[int] = (),
@@ -234,6 +241,10 @@ class ClassForgetting(Callback):
         if isinstance(impair, bool) or not isinstance(impair, (int, float)) or not 0.0 <= impair <= 1.0:
             raise ValueError(f"impair must be a number in [0, 1], got {impair!r}.")
         self.impair = impair
+        if isinstance(impair_keep, bool) or not isinstance(impair_keep, (int, float)) or not 0.0 <= impair_keep <= 1.0:
+            raise ValueError(f"impair_keep must be a number in [0, 1], got {impair_keep!r}.")
+        self.impair_keep = impair_keep
+        self.impaired = 0.0
         if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
             raise ValueError(f"holdout must be an integer >= 0, got {holdout!r}.")
         self.holdout = holdout
@@ -475,7 +486,7 @@ class ClassForgetting(Callback):
             self._before = self._measure(trainer, pl_module, forward)
             self._before_judged = self._measure_judged(trainer, pl_module, forward)
         if not self._restored and self.impair and self.objective is not None:
-            _impair(params, self._masks, self.impair)
+            self.impaired = self._impair_within_tolerance(trainer, pl_module, forward, params)
         self._restored = False
         # Every parameter is guarded, trainable or not: a callback may unfreeze it later, a hook may write to it.
         self._gate = StepGate(params, self._masks, kept=self._teacher)
@@ -485,6 +496,25 @@ class ClassForgetting(Callback):
         self._gate_averages(trainer, pl_module)
         self._frozen_bn = [m for m in pl_module.modules() if isinstance(m, _BatchNorm)] if self.freeze_bn_stats else []
         rank_zero_info(self._describe_selection())
+
+    def _impair_within_tolerance(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, forward: Callable, params: Mapping[str, Tensor]
+    ) -> float:
+        """Impair by ``impair``, halved until the remaining classes keep ``impair_keep`` of their sample accuracy.
+
+        How much a shrink damages depends on the network: a small digits CNN keeps 0.99 of its remaining-class
+        accuracy at 0.5, a ResNet-18 or a weak CIFAR model falls to chance, and a few shots cannot repair that.
+        """
+        assert self._before is not None
+        floor = self.impair_keep * self._before.retain_acc
+        shrink = self.impair
+        for _ in range(_IMPAIR_HALVINGS + 1):
+            _impair(params, self._masks, shrink)
+            if self._measure(trainer, pl_module, forward).retain_acc >= floor:
+                return shrink
+            _put_back_selected(params, self._masks, self._teacher)
+            shrink /= 2
+        return 0.0
 
     def _samples_of(self, trainer: pl.Trainer) -> Iterable[Any]:
         """Every sample of this process's share of the training data, in order: none dropped, none repeated."""
@@ -591,6 +621,14 @@ class ClassForgetting(Callback):
         head, prototypes = self._feature_targets(pl_module, trainer) if objective.feature_weight else (None, None)
 
         held = self._held_back
+        mix = bool(objective.mix_weight)
+        if mix:
+            inputs = fmt.split(next(iter(self._samples)))[0]
+            if not (isinstance(inputs, Tensor) and inputs.is_floating_point()):
+                raise ValueError(
+                    f"The objective's mix_weight mixes the inputs, but they are not float tensors "
+                    f"({getattr(inputs, 'dtype', type(inputs).__name__)}): set mix_weight=0."
+                )
 
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Tensor | None:
             inputs, targets = fmt.split(batch)
@@ -601,10 +639,16 @@ class ClassForgetting(Callback):
                     if not keep.any():
                         return None  # a batch of held-back samples only: no step
                     inputs, targets = inputs[keep.to(inputs.device)], targets[keep.to(targets.device)]
+            batch_size = len(targets)
+            if mix:
+                inputs = torch.cat([inputs, _mixtures(inputs)])
             with torch.no_grad(), eval_mode(pl_module):
                 teacher_logits = fmt.logits_of(functional_call(pl_module, teacher, (inputs,)))
             with captured_inputs(head) if head is not None else contextlib.nullcontext([]) as features:
                 logits = fmt.logits_of(pl_module(inputs))
+            mixed = (logits[batch_size:], teacher_logits[batch_size:]) if mix else None
+            logits, teacher_logits = logits[:batch_size], teacher_logits[:batch_size]
+            features = [f[:batch_size] for f in features]
             check_targets(targets, logits.shape[-1])
             feature_targets = None
             if head is not None and len(features) == 1:
@@ -619,6 +663,7 @@ class ClassForgetting(Callback):
                 classes,
                 features=features[0] if features else None,
                 feature_targets=feature_targets,
+                mixed=mixed,
             )
             pl_module.log_dict({f"forget/{k}": v for k, v in terms.items() if k != "loss"})
             pl_module.log("forget/loss", terms["loss"], prog_bar=True)
@@ -663,6 +708,10 @@ class ClassForgetting(Callback):
             + (f" (keeping {self.already_forgotten} forgotten):" if self.already_forgotten else ":")
         ]
         lines += [f"  {r['name']}: {r['selected']:,} / {r['total']:,}" for r in rows if r["selected"]]
+        if self.impair and self.objective is not None:
+            lines.append(
+                f"  shrunk by {self.impaired:g} at fit start (impair={self.impair:g}, impair_keep={self.impair_keep:g})"
+            )
         return "\n".join(lines)
 
     def _check_same_on_all_ranks(self, trainer: pl.Trainer) -> None:
@@ -799,6 +848,8 @@ class ClassForgetting(Callback):
             "per_tensor": self.per_tensor,
             "seed": self.seed,
             "impair": self.impair,
+            "impair_keep": self.impair_keep,
+            "impaired": self.impaired,
             "holdout": self.holdout,
             "patience": self.patience,
             "stop_when_forgotten": self.stop_when_forgotten,
@@ -947,7 +998,7 @@ class ClassForgetting(Callback):
         if self._record is not None:
             state["record"] = copy.deepcopy(self._record)
         if self._before is not None:
-            state["before"] = dataclasses.asdict(self._before)
+            state["before"], state["impaired"] = dataclasses.asdict(self._before), self.impaired
         if self._before_judged is not None:
             state["before_judged"] = dataclasses.asdict(self._before_judged)
         if self._teacher:
@@ -969,6 +1020,7 @@ class ClassForgetting(Callback):
         self._masks = dict(state_dict["masks"])
         self._teacher = dict(state_dict.get("teacher", {}))
         self._before = Evidence(**state_dict["before"]) if "before" in state_dict else None
+        self.impaired = state_dict.get("impaired", 0.0)
         judged = state_dict.get("before_judged")
         self._before_judged = Evidence(**judged) if judged is not None else None
         self._input_sha256, self._started = state_dict.get("input_sha256"), state_dict.get("started", "")
@@ -998,6 +1050,23 @@ def _impair(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], shrink: f
         mask = masks.get(name)
         if mask is not None and mask.any():
             p.copy_(torch.where(mask.to(p.device), p * (1 - shrink), p))
+
+
+def _mixtures(inputs: Tensor) -> Tensor:
+    """Each input mixed with another of the batch, at a uniform random share (the batch itself when alone)."""
+    share = torch.rand(len(inputs), *[1] * (inputs.dim() - 1), device=inputs.device, dtype=inputs.dtype)
+    partners = inputs[torch.randperm(len(inputs), device=inputs.device)]
+    return share * inputs + (1 - share) * partners
+
+
+@torch.no_grad()
+def _put_back_selected(
+    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], snapshot: Mapping[str, Tensor]
+) -> None:
+    for name, p in params.items():
+        mask = masks.get(name)
+        if mask is not None and mask.any():
+            p.copy_(torch.where(mask.to(p.device), snapshot[name].to(p), p))
 
 
 def _with_frozen(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:

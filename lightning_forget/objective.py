@@ -39,14 +39,20 @@ class ForgettingObjective:
     renormalised to): their features move into a remaining class's cluster, so that no probe on
     the features finds the class, instead of only the output layer hiding it.
 
+    With ``mix_weight`` > 0 and ``mixed`` logits given, the student also matches the renormalised
+    teacher on mixtures of the batch's inputs (the callback draws them: mixup, Zhang et al., ICLR
+    2018, used as in few-sample distillation): a few shots pin the student to the teacher only at
+    those points, while mixtures cover the space between them, so the remaining classes are kept
+    and the forgotten ones removed in their neighbourhood, not only on the samples.
+
     Each term is a mean over its own samples (a batch without such samples adds 0), and the
     loss is their weighted mean, so that its scale is that of one cross-entropy whatever the
     weights: an SGD learning rate that trains the model also forgets with it.
 
     Args:
         forget_loss: one of ``FORGET_LOSSES``.
-        retain_weight, distill_weight, forget_weight, feature_weight: non-negative weights of the
-            terms, not all 0.
+        retain_weight, distill_weight, forget_weight, feature_weight, mix_weight: non-negative weights
+            of the terms, not all 0.
         temperature: distillation temperature, > 0.
         distill_target: ``renormalized`` or ``original``.
 
@@ -62,6 +68,7 @@ class ForgettingObjective:
     temperature: float = 2.0
     distill_target: DistillTarget = "renormalized"
     feature_weight: float = 0.0
+    mix_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:
@@ -71,6 +78,7 @@ class ForgettingObjective:
         weights = {"retain_weight": self.retain_weight, "distill_weight": self.distill_weight}
         weights["forget_weight"] = self.forget_weight
         weights["feature_weight"] = self.feature_weight
+        weights["mix_weight"] = self.mix_weight
         bad = {k: v for k, v in weights.items() if not _is_number(v) or v < 0}
         if bad:
             raise ValueError(f"Loss weights must be numbers >= 0, got {bad}.")
@@ -87,10 +95,12 @@ class ForgettingObjective:
         forget_classes: Sequence[int],
         features: Tensor | None = None,
         feature_targets: Tensor | None = None,
+        mixed: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget`` and ``feature``.
+        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget``, ``feature`` and ``mix``.
 
-        ``features`` and ``feature_targets`` (``(batch, dim)``) are used only with ``feature_weight`` > 0.
+        ``features`` and ``feature_targets`` (``(batch, dim)``) are used only with ``feature_weight`` > 0;
+        ``mixed`` (the student's and the teacher's logits on mixed inputs) only with ``mix_weight`` > 0.
         """
         logits, teacher_logits = logits.float(), teacher_logits.float()
         is_forgotten = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -98,24 +108,30 @@ class ForgettingObjective:
         forget_rows = is_forgotten[targets]
         retain_rows = ~forget_rows
         zero = logits.sum() * 0.0
-        retain = distill = forget = feature = zero
+        retain = distill = forget = feature = mix = zero
         if retain_rows.any():
             retain = F.cross_entropy(logits[retain_rows], targets[retain_rows])
             teacher = teacher_logits[retain_rows]
             if self.distill_target == "renormalized":
                 teacher = teacher.masked_fill(is_forgotten, float("-inf"))
-            t = self.temperature
-            distill = _kl_to(F.log_softmax(logits[retain_rows] / t, dim=-1), F.softmax(teacher / t, dim=-1)) * (t * t)
+            distill = self._distill(logits[retain_rows], teacher)
+        if self.mix_weight and mixed is not None:
+            student, teacher = mixed
+            mix = self._distill(student.float(), teacher.float().masked_fill(is_forgotten, float("-inf")))
         if forget_rows.any():
             rows = forget_rows
             forget = self._forget_term(logits[rows], teacher_logits[rows], targets[rows], is_forgotten)
             if self.feature_weight and features is not None and feature_targets is not None:
                 f, t = features[rows].float(), feature_targets[rows].float()
                 feature = ((f - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
-        weights = (self.retain_weight, self.distill_weight, self.forget_weight, self.feature_weight)
-        terms = {"retain": retain, "distill": distill, "forget": forget, "feature": feature}
+        weights = (self.retain_weight, self.distill_weight, self.forget_weight, self.feature_weight, self.mix_weight)
+        terms = {"retain": retain, "distill": distill, "forget": forget, "feature": feature, "mix": mix}
         loss = sum(w * t for w, t in zip(weights, terms.values())) / sum(weights)
         return {"loss": loss, **{k: t.detach() for k, t in terms.items()}}
+
+    def _distill(self, logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        t = self.temperature
+        return _kl_to(F.log_softmax(logits / t, dim=-1), F.softmax(teacher_logits / t, dim=-1)) * (t * t)
 
     def _forget_term(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, is_forgotten: Tensor) -> Tensor:
         if self.forget_loss == "ascent":

@@ -36,6 +36,17 @@ def test_distillation_on_remaining_samples_can_drop_the_forgotten_classes(distil
     assert (terms["distill"] > 1e-6) == forgotten_logit_falls
 
 
+def test_the_mix_term_matches_the_renormalised_teacher_on_mixed_inputs_and_only_with_its_weight():
+    teacher = torch.tensor([[2.0, 2.0, 0.0]])  # a mixture that looks half like the forgotten class 1
+    student = teacher.clone().requires_grad_(True)
+    plain = torch.tensor([[3.0, 0.0, 0.0]])
+    terms = ForgettingObjective(mix_weight=1.0)(plain, plain, torch.tensor([0]), [1], mixed=(student, teacher))
+    terms["loss"].backward()
+    assert terms["mix"] > 0.1 and student.grad[0, 1] > 0, "the mixture's forgotten logit would not fall"
+    off = ForgettingObjective()(plain, plain, torch.tensor([0]), [1], mixed=(student, teacher))
+    assert off["mix"] == 0
+
+
 def test_retain_terms_only_see_remaining_class_samples():
     objective = ForgettingObjective(distill_target="original")
     logits = torch.randn(4, 3)

@@ -11,6 +11,7 @@ from lightning_forget.callback import (
     DEFAULT_CRITERION,
     DEFAULT_FRACTION,
     DEFAULT_IMPAIR,
+    DEFAULT_IMPAIR_KEEP,
     DEFAULT_OBJECTIVE,
     DEFAULT_PATIENCE,
     ClassForgetting,
@@ -47,7 +48,7 @@ class Relevance(ForgettingMethod):
 
     Args:
         fraction, score, per_tensor, freeze_bn_stats, objective, criterion, stop_when_forgotten, patience,
-            impair, holdout: as for :class:`~lightning_forget.ClassForgetting`.
+            impair, impair_keep, holdout: as for :class:`~lightning_forget.ClassForgetting`.
         recipe: optimizer settings, batch size and the epoch cap.
         layers: ``all``, ``head`` (only the final linear layer may change) or ``features``
             (everything but the final linear layer, so that forgetting has to change the features).
@@ -69,6 +70,7 @@ class Relevance(ForgettingMethod):
         stop_when_forgotten: bool = True,
         patience: int = DEFAULT_PATIENCE,
         impair: float = DEFAULT_IMPAIR,
+        impair_keep: float = DEFAULT_IMPAIR_KEEP,
         holdout: int = 1,
         recipe: Recipe = DEFAULT_RECIPE,
         layers: Layers = "all",
@@ -88,6 +90,7 @@ class Relevance(ForgettingMethod):
             "stop_when_forgotten": stop_when_forgotten,
             "patience": patience,
             "impair": impair,
+            "impair_keep": impair_keep,
             "holdout": holdout,
             "seed": seed,
         }
