@@ -20,8 +20,8 @@ from datetime import datetime
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_forget.data import image_folder
-from lightning_forget.image_tensors import decode_image_folder
+from lightning_forget.app.data import image_folder
+from lightning_forget.app.image_tensors import decode_image_folder
 
 
 def epoch_rate(dataset: torch.utils.data.Dataset, batch_size: int, workers: int = 0) -> float:

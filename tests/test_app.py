@@ -36,10 +36,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_forget import ProbeSettings, RelearnSettings, evaluate_forgetting
-from lightning_forget.console import progress_wanted
-from lightning_forget.data import TORCHVISION_DATASETS, digits
+from lightning_forget.app.console import progress_wanted
+from lightning_forget.app.data import TORCHVISION_DATASETS, digits
+from lightning_forget.app.models import ARCHITECTURES, build_model
 from lightning_forget.methods import ForgettingMethod
-from lightning_forget.models import ARCHITECTURES, build_model
 
 REPO = Path(__file__).parent.parent
 sys.path.insert(0, str(REPO))

@@ -14,9 +14,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lightning_forget import dataset_labels, few_shot_subset
-from lightning_forget import image_tensors as it
-from lightning_forget.data import image_folder
-from lightning_forget.image_tensors import ImageTensorDataset, decode_image_folder
+from lightning_forget.app import image_tensors as it
+from lightning_forget.app.data import image_folder
+from lightning_forget.app.image_tensors import ImageTensorDataset, decode_image_folder
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_forget import ClassForgetting
-from lightning_forget.callback import LOGGED_EACH_EPOCH, LOGGED_EACH_STEP
+from lightning_forget.plugin.callback import LOGGED_EACH_EPOCH, LOGGED_EACH_STEP
 
 
 class LoggingClassifier(UserClassifier):

@@ -2,7 +2,7 @@
 
 Decoding a JPEG costs far more than a training step of a small network on a 32x32 image, so a
 CIFAR-sized dataset is decoded once (resized and centre-cropped exactly as the PIL transforms of
-:mod:`lightning_forget.data` do), kept as one ``N x C x H x W`` uint8 tensor, and normalised and
+:mod:`lightning_forget.app.data` do), kept as one ``N x C x H x W`` uint8 tensor, and normalised and
 augmented per batch on the tensor's device: on a GPU no per-sample Python work remains.
 """
 
