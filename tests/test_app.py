@@ -174,12 +174,22 @@ BAD_INPUTS: dict[str, Bad] = {
     "accumulate-zero": Bad(["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is not allowed"),
     "unwritable-cache": Bad(["original.cache_dir={tmp}/a_file/models"], "is not writable"),
     "corrupt-jpeg": Bad(
-        ["dataset=imagefolder", "dataset.root={tmp}/corrupt", "dataset.image_size=8", "dataset.cache_dir=null"],
+        [
+            "dataset=imagefolder",
+            "dataset.root={tmp}/corrupt",
+            "dataset.image_size=8",
+            "dataset.in_memory=false",
+            "dataset.cache_dir=null",
+        ],
         "Cannot decode the image {tmp}/corrupt/train/b/x1.jpg",
     ),
     "corrupt-jpeg-in-memory": Bad(
         ["dataset=imagefolder", "dataset.root={tmp}/corrupt", "dataset.in_memory=true", "dataset.cache_dir=null"],
         "Cannot decode the image {tmp}/corrupt/train/b/x1.jpg",
+    ),
+    "in-memory-yes": Bad(
+        ["dataset=imagefolder", "dataset.root={tmp}/corrupt", "dataset.in_memory=yes"],
+        "dataset.in_memory='yes' is not allowed: expected true or false or one of 'auto'",
     ),
     "nan-checkpoint": Bad(["original.ckpt={tmp}/nan.pt"], "NaN or infinite values in 1 tensors (15.bias)", True),
     # classes, shots, methods, data, models, checkpoints
