@@ -606,15 +606,18 @@ def test_every_dataset_option_loads_where_its_files_are_at_hand(option, tmp_path
 
 
 def readme_app_commands() -> list[list[str]]:
-    """The overrides of every ``python run.py ...`` command in the README's code blocks."""
+    """The overrides of every ``python run.py ...`` command in the code blocks of the README and of ``docs/``."""
     commands, in_block = [], False
-    for line in (REPO / "README.md").read_text().splitlines():
-        if line.startswith("```"):
-            in_block = not in_block
-        elif in_block and "python run.py" in line:
-            words = shlex.split(line.split("python run.py", 1)[1], comments=True)
-            end = next((i for i, w in enumerate(words) if w in {">", "2>&1", "&&", "|", ";"}), len(words))
-            commands.append([w for w in words[:end] if not w.startswith("-")])
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            if line.startswith("```"):
+                in_block = not in_block
+            elif in_block and "python run.py" in line:
+                words = shlex.split(line.split("python run.py", 1)[1], comments=True)
+                end = next((i for i, w in enumerate(words) if w in {">", "2>&1", "&&", "|", ";"}), len(words))
+                command = [w for w in words[:end] if not w.startswith("-")]
+                if command not in commands:  # the README repeats a few of the reference's examples
+                    commands.append(command)
     return commands
 
 
