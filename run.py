@@ -29,13 +29,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_forget.app_settings import baseline_names, build_run, check_app_settings
-from lightning_forget.console import progress_wanted, quiet_console
+from lightning_forget.app.app_settings import baseline_names, build_run, check_app_settings
+from lightning_forget.app.console import progress_wanted, quiet_console
+from lightning_forget.app.pipeline import compare_and_report
+from lightning_forget.app.report import write_sweep_summary
+from lightning_forget.app.runs import SWEEP_CLAIM, claim, give_back, load_line, release
+from lightning_forget.app.settings import SettingError, check_value, locate
 from lightning_forget.methods import ForgettingMethod, TrainerFactory
-from lightning_forget.pipeline import compare_and_report
-from lightning_forget.report import write_sweep_summary
-from lightning_forget.runs import SWEEP_CLAIM, claim, give_back, load_line, release
-from lightning_forget.settings import SettingError, check_value, locate
 
 METHODS = sorted(p.stem for p in (Path(__file__).parent / "conf" / "method").glob("*.yaml"))
 # The trainer settings of every fit but the method under test's.
@@ -106,7 +106,7 @@ def prepare(
     """Instantiate everything and check that it fits together; nothing is trained or written.
 
     Returns:
-        The arguments of :func:`~lightning_forget.pipeline.compare_and_report`.
+        The arguments of :func:`~lightning_forget.app.pipeline.compare_and_report`.
     """
     names = [method_name, *baseline_names(settings["baselines"], method_name, METHODS)]
     methods = {names[0]: instantiate(cfg.method)} | {name: instantiate(method_config(name)) for name in names[1:]}

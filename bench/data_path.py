@@ -20,8 +20,8 @@ from datetime import datetime
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_forget.data import image_folder
-from lightning_forget.image_tensors import decode_image_folder
+from lightning_forget.app.data import image_folder
+from lightning_forget.app.image_tensors import decode_image_folder
 
 
 def epoch_rate(dataset: torch.utils.data.Dataset, batch_size: int, workers: int = 0) -> float:
@@ -45,7 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = os.path.expanduser(args.root)
-    options = {"root": root, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616), "augment": True}
+    cifar = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616), "augment": True, "flip": True}
+    options = {"root": root, **cifar}
     print(f"date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
     print(
         f"machine: {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -68,7 +69,7 @@ def main() -> None:
         print(f"in-memory on {data.train.device}, augmented train epoch: {rate:,.0f} images/s")
         print(f"in-memory on {data.test.device}, test epoch: {epoch_rate(data.test, args.batch_size):,.0f} images/s")
 
-    pil = image_folder(**options)
+    pil = image_folder(**options, in_memory=False)
     for workers in args.pil_workers:
         rate = epoch_rate(pil.train, args.batch_size, workers)
         print(f"PIL ImageFolder, {workers} workers, augmented train epoch: {rate:,.0f} images/s")

@@ -5,7 +5,7 @@
 
 For every seed the original model is trained once (or loaded from the model cache); then, for every
 forget setting and shot count, one :class:`~lightning_forget.methods.ForgettingTask` goes to
-:func:`lightning_forget.pipeline.compare` with the methods of ``--methods``. Those are the app's
+:func:`lightning_forget.app.pipeline.compare` with the methods of ``--methods``. Those are the app's
 ``conf/method/<name>.yaml`` (composed and instantiated as ``python run.py method=<name>`` does, so both
 use the same settings); ``NAME:KEY=VALUE[:KEY=VALUE...]`` changes settings of one row, e.g.
 ``relevance:fraction=0.05`` or ``relevance:recipe.lr=0.01``. The first method is the one under test.
@@ -49,14 +49,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lightning_forget import ProbeSettings, RelearnSettings, dataset_labels, evaluate_forgetting, few_shot_subset
-from lightning_forget.cache import ModelCache
-from lightning_forget.classes import resolve_classes
-from lightning_forget.data import ClassificationData
+from lightning_forget.app.cache import ModelCache
+from lightning_forget.app.data import ClassificationData
+from lightning_forget.app.models import ARCHITECTURES, build_model
+from lightning_forget.app.pipeline import compare, obtain_original
+from lightning_forget.app.report import sweep_summary, verdict_line
 from lightning_forget.methods import ForgettingMethod, ForgettingTask, Recipe
-from lightning_forget.models import ARCHITECTURES, build_model
-from lightning_forget.module import OPTIMIZERS, SCHEDULERS
-from lightning_forget.pipeline import compare, obtain_original
-from lightning_forget.report import sweep_summary, verdict_line
+from lightning_forget.plugin.classes import resolve_classes
+from lightning_forget.plugin.module import OPTIMIZERS, SCHEDULERS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))

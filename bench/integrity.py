@@ -50,8 +50,8 @@ from lightning_forget import (
     evaluate_forgetting,
     few_shot_subset,
 )
-from lightning_forget.evidence import anamnesis_index, relearn
-from lightning_forget.features import final_linear
+from lightning_forget.evaluation.evidence import anamnesis_index, relearn
+from lightning_forget.plugin.features import final_linear
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def measure(model: nn.Module, original: nn.Module, case: Case, data: Data, exclu
             exclude_indices=exclude,
             progress=False,
         )
-        from lightning_forget.evidence import draw_per_class
+        from lightning_forget.evaluation.evidence import draw_per_class
 
         train = draw_per_class(data.train, relearn_settings.per_class, seed, exclude)
         sgd = relearn(

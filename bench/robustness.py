@@ -52,7 +52,7 @@ from lightning_forget import (
     evaluate_forgetting,
     few_shot_subset,
 )
-from lightning_forget.data import digits
+from lightning_forget.app.data import digits
 
 PASS_FORGET, PASS_RETAIN_DROP = 0.05, 0.03
 FIGURES = ("forget_acc", "retain_acc", "forget_train_acc", "seconds", "epochs", "verdict_forgotten")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from lightning_forget import build_model, relevance_scores, top_fraction_masks
-from lightning_forget.callback import DEFAULT_FRACTION
-from lightning_forget.relevance import eval_mode
+from lightning_forget.plugin.callback import DEFAULT_FRACTION
+from lightning_forget.plugin.relevance import eval_mode
 
 
 def vmap_scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, forgotten: list[int], chunk: int = 32):

@@ -1,10 +1,8 @@
 """lightning-forget: make a trained classifier forget chosen classes from a few samples per class."""
 
-from lightning_forget.callback import ClassForgetting
-from lightning_forget.classes import check_forget_classes, remaining_classes
-from lightning_forget.data import ClassificationData, dataset_labels, few_shot_subset
-from lightning_forget.evaluation import SubsetAccuracy, evaluate_forgetting, membership_inference
-from lightning_forget.evidence import (
+from lightning_forget.app.data import ClassificationData
+from lightning_forget.app.models import build_model
+from lightning_forget.evaluation.evidence import (
     ProbeSettings,
     RelearnSettings,
     anamnesis_index,
@@ -12,13 +10,18 @@ from lightning_forget.evidence import (
     relearn,
     weight_distance,
 )
-from lightning_forget.masks import GuaranteeReport, ParameterChange, StepGate, top_fraction_masks, verify
-from lightning_forget.models import build_model
-from lightning_forget.module import ClassifierModule, ForgettingModule
-from lightning_forget.objective import ForgettingObjective
-from lightning_forget.record import check_record, forgotten_before, record_digest, state_digest, write_record
-from lightning_forget.relevance import relevance_scores
-from lightning_forget.verdict import Evidence, ForgetCriterion, Verdict
+from lightning_forget.evaluation.forgetting import evaluate_forgetting
+from lightning_forget.evaluation.metrics import membership_inference
+from lightning_forget.plugin.accuracy import SubsetAccuracy
+from lightning_forget.plugin.callback import ClassForgetting
+from lightning_forget.plugin.classes import check_forget_classes, remaining_classes
+from lightning_forget.plugin.few_shot import dataset_labels, few_shot_subset
+from lightning_forget.plugin.masks import GuaranteeReport, ParameterChange, StepGate, top_fraction_masks, verify
+from lightning_forget.plugin.module import ClassifierModule, ForgettingModule
+from lightning_forget.plugin.objective import ForgettingObjective
+from lightning_forget.plugin.record import check_record, forgotten_before, record_digest, state_digest, write_record
+from lightning_forget.plugin.relevance import relevance_scores
+from lightning_forget.plugin.verdict import Evidence, ForgetCriterion, Verdict
 
 __all__ = [
     "ClassForgetting",

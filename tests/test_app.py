@@ -36,10 +36,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_forget import ProbeSettings, RelearnSettings, evaluate_forgetting
-from lightning_forget.console import progress_wanted
-from lightning_forget.data import TORCHVISION_DATASETS, digits
+from lightning_forget.app.console import progress_wanted
+from lightning_forget.app.data import TORCHVISION_DATASETS, digits
+from lightning_forget.app.models import ARCHITECTURES, build_model
 from lightning_forget.methods import ForgettingMethod
-from lightning_forget.models import ARCHITECTURES, build_model
 
 REPO = Path(__file__).parent.parent
 sys.path.insert(0, str(REPO))
@@ -174,12 +174,22 @@ BAD_INPUTS: dict[str, Bad] = {
     "accumulate-zero": Bad(["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is not allowed"),
     "unwritable-cache": Bad(["original.cache_dir={tmp}/a_file/models"], "is not writable"),
     "corrupt-jpeg": Bad(
-        ["dataset=imagefolder", "dataset.root={tmp}/corrupt", "dataset.image_size=8", "dataset.cache_dir=null"],
+        [
+            "dataset=imagefolder",
+            "dataset.root={tmp}/corrupt",
+            "dataset.image_size=8",
+            "dataset.in_memory=false",
+            "dataset.cache_dir=null",
+        ],
         "Cannot decode the image {tmp}/corrupt/train/b/x1.jpg",
     ),
     "corrupt-jpeg-in-memory": Bad(
         ["dataset=imagefolder", "dataset.root={tmp}/corrupt", "dataset.in_memory=true", "dataset.cache_dir=null"],
         "Cannot decode the image {tmp}/corrupt/train/b/x1.jpg",
+    ),
+    "in-memory-yes": Bad(
+        ["dataset=imagefolder", "dataset.root={tmp}/corrupt", "dataset.in_memory=yes"],
+        "dataset.in_memory='yes' is not allowed: expected true or false or one of 'auto'",
     ),
     "nan-checkpoint": Bad(["original.ckpt={tmp}/nan.pt"], "NaN or infinite values in 1 tensors (15.bias)", True),
     # classes, shots, methods, data, models, checkpoints
@@ -596,15 +606,18 @@ def test_every_dataset_option_loads_where_its_files_are_at_hand(option, tmp_path
 
 
 def readme_app_commands() -> list[list[str]]:
-    """The overrides of every ``python run.py ...`` command in the README's code blocks."""
+    """The overrides of every ``python run.py ...`` command in the code blocks of the README and of ``docs/``."""
     commands, in_block = [], False
-    for line in (REPO / "README.md").read_text().splitlines():
-        if line.startswith("```"):
-            in_block = not in_block
-        elif in_block and "python run.py" in line:
-            words = shlex.split(line.split("python run.py", 1)[1], comments=True)
-            end = next((i for i, w in enumerate(words) if w in {">", "2>&1", "&&", "|", ";"}), len(words))
-            commands.append([w for w in words[:end] if not w.startswith("-")])
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            if line.startswith("```"):
+                in_block = not in_block
+            elif in_block and "python run.py" in line:
+                words = shlex.split(line.split("python run.py", 1)[1], comments=True)
+                end = next((i for i, w in enumerate(words) if w in {">", "2>&1", "&&", "|", ";"}), len(words))
+                command = [w for w in words[:end] if not w.startswith("-")]
+                if command not in commands:  # the README repeats a few of the reference's examples
+                    commands.append(command)
     return commands
 
 

@@ -23,15 +23,16 @@ from test_app import LIGHT, REPO, app, assert_ok, check_in_process, clean_env, c
 from torch.utils.data import Subset
 
 from lightning_forget import evaluate_forgetting
-from lightning_forget.data import ClassificationData, few_shot_subset
-from lightning_forget.evaluable import check_evaluable, plan_evidence
-from lightning_forget.evidence import ProbeSettings, RelearnSettings, integrity_evidence
-from lightning_forget.measurable import NOT_MEASURED
-from lightning_forget.models import build_model
-from lightning_forget.pipeline import build_report
-from lightning_forget.report import markdown_table
-from lightning_forget.runs import CLAIM, SWEEP_CLAIM, claim, holder_gone, release
-from lightning_forget.settings import SettingError
+from lightning_forget.app.data import ClassificationData
+from lightning_forget.app.evaluable import check_evaluable, plan_evidence
+from lightning_forget.app.models import build_model
+from lightning_forget.app.pipeline import build_report
+from lightning_forget.app.report import markdown_table
+from lightning_forget.app.runs import CLAIM, SWEEP_CLAIM, claim, holder_gone, release
+from lightning_forget.app.settings import SettingError
+from lightning_forget.evaluation.evidence import ProbeSettings, RelearnSettings, integrity_evidence
+from lightning_forget.evaluation.measurable import NOT_MEASURED
+from lightning_forget.plugin.few_shot import few_shot_subset
 
 RELEARN = ("relearn_acc_1", "relearn_steps", "relearn_target", "anamnesis_index")
 

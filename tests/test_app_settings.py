@@ -1,11 +1,11 @@
-"""The app's settings beyond each value's type: lightning_forget.app_settings."""
+"""The app's settings beyond each value's type: lightning_forget.app.app_settings."""
 
 import pytest
 from hydra import compose, initialize
 from omegaconf import OmegaConf
 
-from lightning_forget.app_settings import baseline_names, check_app_settings
-from lightning_forget.settings import SettingError
+from lightning_forget.app.app_settings import baseline_names, check_app_settings
+from lightning_forget.app.settings import SettingError
 
 
 def settings(*overrides: str) -> dict:

@@ -7,9 +7,9 @@ import torch
 from conftest import quiet_trainer, tiny_loader, tiny_net
 from torch.utils.data import Subset
 
-from lightning_forget.cache import ModelCache
+from lightning_forget.app.cache import ModelCache
+from lightning_forget.app.pipeline import compare
 from lightning_forget.methods import ForgettingTask, Recipe, Retrain
-from lightning_forget.pipeline import compare
 
 KEY = {"dataset": "digits", "seed": 0, "trainer": {"precision": "32-true"}}
 
@@ -30,13 +30,13 @@ def test_a_corrupt_or_foreign_cached_file_is_ignored_with_a_warning(tmp_path, ca
     cache = ModelCache(tmp_path)
     path = cache.save(KEY, tiny_net(), 2.0, prefix="original")
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
-    with caplog.at_level(logging.WARNING, logger="lightning_forget.cache"):
+    with caplog.at_level(logging.WARNING, logger="lightning_forget.app.cache"):
         assert cache.load(KEY, tiny_net(), prefix="original") is None
     assert "Ignoring the cached model" in caplog.text
     other = cache.save({**KEY, "seed": 1}, tiny_net(), 2.0, prefix="original")
     other.rename(path)  # a file whose stored key is another run's
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lightning_forget.cache"):
+    with caplog.at_level(logging.WARNING, logger="lightning_forget.app.cache"):
         assert cache.load(KEY, tiny_net(), prefix="original") is None
     assert "its key differs" in caplog.text
 

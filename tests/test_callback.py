@@ -124,7 +124,7 @@ def test_resume_restores_masks_without_rescoring_and_matches_an_uninterrupted_fi
     def no_rescoring(*args, **kwargs):
         raise AssertionError("resumed fit re-scored")
 
-    monkeypatch.setattr("lightning_forget.callback.relevance_scores", no_rescoring)
+    monkeypatch.setattr("lightning_forget.plugin.callback.relevance_scores", no_rescoring)
     resumed, resumed_cb = run(4, ckpt_path=tmp_path / "last.ckpt")
     assert all(torch.equal(full_cb.masks[n], resumed_cb.masks[n]) for n in full_cb.masks)
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):

@@ -1,4 +1,4 @@
-"""Loading the checkpoint formats users have into their own network: lightning_forget.checkpoints."""
+"""Loading the checkpoint formats users have into their own network: lightning_forget.plugin.checkpoints."""
 
 import re
 
@@ -8,7 +8,7 @@ from app_models import TinyNet, Wrapped
 from conftest import quiet_trainer, tiny_loader
 from torch import nn
 
-from lightning_forget.checkpoints import load_checkpoint
+from lightning_forget.plugin.checkpoints import load_checkpoint
 
 
 def trained_net() -> TinyNet:

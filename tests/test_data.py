@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_forget import dataset_labels, few_shot_subset
-from lightning_forget.data import digits
+from lightning_forget.app.data import digits
 
 
 class _NoTargets(Dataset):

@@ -12,7 +12,7 @@ from lightning_forget import (
     evaluate_forgetting,
     few_shot_subset,
 )
-from lightning_forget.data import digits
+from lightning_forget.app.data import digits
 
 
 def test_two_digit_classes_are_forgotten_from_ten_shots_and_the_rest_kept():

@@ -8,9 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_forget import build_model, evaluate_forgetting, few_shot_subset
-from lightning_forget.data import digits
-from lightning_forget.evaluation import predict_logits
-from lightning_forget.evidence import (
+from lightning_forget.app.data import digits
+from lightning_forget.evaluation.evidence import (
     ProbeSettings,
     RelearnSettings,
     anamnesis_index,
@@ -22,6 +21,7 @@ from lightning_forget.evidence import (
     retain_only_attack,
     weight_distance,
 )
+from lightning_forget.evaluation.metrics import predict_logits
 
 FORGET = [9]  # on digits, random features separate 9 less well than most digits (a clearer random baseline)
 

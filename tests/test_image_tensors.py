@@ -14,9 +14,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lightning_forget import dataset_labels, few_shot_subset
-from lightning_forget import image_tensors as it
-from lightning_forget.data import image_folder
-from lightning_forget.image_tensors import ImageTensorDataset, decode_image_folder
+from lightning_forget.app import image_tensors as it
+from lightning_forget.app.data import image_folder
+from lightning_forget.app.image_tensors import ImageTensorDataset, decode_image_folder
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -59,7 +59,7 @@ def batch_of(dataset, batch_size=1000, **kwargs):
 def test_evaluation_images_equal_the_pil_transforms(folder, tmp_path, channels, image_size):
     mean, std = (MEAN, STD) if channels == 3 else ((0.45,), (0.25,))
     options = {"image_size": image_size, "channels": channels, "mean": mean, "std": std, "augment": False}
-    pil = image_folder(str(folder), **options)
+    pil = image_folder(str(folder), **options, in_memory=False)
     memory = image_folder(str(folder), **options, in_memory=True, cache_dir=str(tmp_path / "cache"))
     assert isinstance(memory.test, ImageTensorDataset) and isinstance(memory.train_eval, ImageTensorDataset)
     for reference, decoded in ((pil.train_eval, memory.train_eval), (pil.test, memory.test), (pil.train, memory.train)):
@@ -173,7 +173,7 @@ def test_corrupt_image_is_named_in_the_error(folder, tmp_path):
 
 def augmented_dataset(folder, image_size=32):
     images, targets, _ = decode_image_folder(folder / "train", image_size, cache_dir=None, progress=False)
-    return ImageTensorDataset(images, targets, MEAN, STD, augment=True)
+    return ImageTensorDataset(images, targets, MEAN, STD, augment=True, flip=True)
 
 
 def crops_and_flips(image, padding):
@@ -292,7 +292,7 @@ def test_image_folder_in_memory_keeps_train_per_class_and_augments_only_training
     assert isinstance(data.train, Subset) and data.train.indices == data.train_eval.indices
     assert torch.bincount(dataset_labels(data.train)).tolist() == [2, 2, 2]
     assert data.train.dataset.augment and not data.train_eval.dataset.augment and not data.test.augment
-    pil = image_folder(str(folder), train_per_class=2)
+    pil = image_folder(str(folder), train_per_class=2, in_memory=False)
     assert pil.train.indices == data.train.indices  # the same images drawn for the same seed
 
 
@@ -345,3 +345,79 @@ def test_app_config_builds_in_memory_image_folders(folder, tmp_path):
     data = instantiate(cfg.dataset)
     assert isinstance(data.train, ImageTensorDataset) and data.train.augment and data.train.device.type == "cpu"
     assert len(list((tmp_path / "cache").iterdir())) == 2  # train and test
+
+
+# --------------------------------------------------------------------------- flips and in_memory
+
+
+@pytest.mark.parametrize(
+    ("option", "flip"),
+    [
+        ("imagefolder", False),
+        ("cifar10_jpg", True),
+        ("cifar10", True),
+        ("cifar100", True),
+        ("svhn", False),
+        ("mnist", False),
+        ("fashion_mnist", False),
+    ],
+)
+def test_flip_is_off_for_an_image_folder_and_on_for_the_natural_image_presets(option, flip):
+    with initialize(version_base="1.3", config_path="../conf"):
+        cfg = compose(config_name="config", overrides=[f"dataset={option}", "dataset.root=/data"])
+    assert cfg.dataset.flip is flip
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_is_its_own_option_on_both_paths(folder, tmp_path, flip):
+    kinds = {"in_memory": True, "cache_dir": str(tmp_path / "cache")}
+    memory = image_folder(str(folder), flip=flip, **kinds)
+    assert memory.train.flip is flip and memory.train.augment and not memory.train_eval.flip
+    pil = image_folder(str(folder), flip=flip, in_memory=False)
+    steps = [type(step).__name__ for step in pil.train.transform.transforms]
+    assert ("RandomHorizontalFlip" in steps) is flip and "RandomCrop" in steps
+    evaluation = [type(step).__name__ for step in pil.train_eval.transform.transforms]
+    assert "RandomHorizontalFlip" not in evaluation
+
+
+def test_flip_without_augment_mirrors_whole_images_and_augment_without_flip_never_does(folder):
+    images, targets, _ = decode_image_folder(folder / "train", 32, cache_dir=None, progress=False)
+    for augment, flip in ((False, True), (True, False)):
+        dataset = ImageTensorDataset(images, targets, MEAN, STD, augment=augment, flip=flip)
+        torch.manual_seed(0)
+        seen = set()
+        for _ in range(5):
+            raw = (batch_of(dataset)[0] * dataset._placement.std + dataset._placement.mean) * 255
+            for source, augmented in zip(images, raw.round().to(torch.uint8)):
+                seen |= {key for key, image in crops_and_flips(source, padding=4) if torch.equal(image, augmented)}
+        crops = {key[:2] for key in seen}
+        assert {key[2] for key in seen} == ({False, True} if flip else {False})
+        assert (crops == {(4, 4)}) is not augment, "no crop without augment, crops with it"
+
+
+def test_in_memory_auto_decodes_once_exactly_when_the_images_fit_a_quarter_of_the_memory(
+    folder, tmp_path, monkeypatch, caplog
+):
+    decoded = 2 * 12 * 3 * 32 * 32  # train and test: 12 images each, 3 x 32 x 32 bytes decoded
+    for memory, in_memory in ((4 * decoded, True), (4 * decoded - 4, False)):
+        monkeypatch.setattr(it, "_machine_memory", lambda memory=memory: memory)
+        caplog.clear()
+        with caplog.at_level("INFO", logger=it.__name__):
+            data = image_folder(str(folder), cache_dir=str(tmp_path / "cache"), progress=False)
+        assert isinstance(data.test, ImageTensorDataset) is in_memory
+        said = "within" if in_memory else "more than"
+        assert f"in_memory=auto: the 24 images take 0.1 MB decoded, {said} a quarter of this machine's" in caplog.text
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_in_memory_true_or_false_forces_it_whatever_the_memory(folder, tmp_path, monkeypatch, caplog, in_memory):
+    monkeypatch.setattr(it, "_machine_memory", lambda: 0 if in_memory else 2**50)
+    with caplog.at_level("INFO", logger=it.__name__):
+        data = image_folder(str(folder), in_memory=in_memory, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert isinstance(data.test, ImageTensorDataset) is in_memory and "in_memory=auto" not in caplog.text
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_bad_in_memory_value_is_refused_in_one_line(folder, value):
+    with pytest.raises(ValueError, match=re.escape(f"in_memory must be true, false or 'auto', got {value!r}.")):
+        image_folder(str(folder), in_memory=value)

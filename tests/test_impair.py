@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_forget import ClassForgetting, ForgettingModule, ForgettingObjective
-from lightning_forget.relevance import eval_mode
+from lightning_forget.plugin.relevance import eval_mode
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_forget import StepGate, build_model, relevance_scores, top_fraction_masks, verify
-from lightning_forget.callback import DEFAULT_FRACTION
+from lightning_forget.plugin.callback import DEFAULT_FRACTION
 
 
 def test_global_selection_takes_the_top_entries_across_tensors():

@@ -15,8 +15,9 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from lightning_forget import ClassifierModule, build_model, evaluate_forgetting, few_shot_subset
-from lightning_forget.cache import ModelCache
-from lightning_forget.data import digits
+from lightning_forget.app.cache import ModelCache
+from lightning_forget.app.data import digits
+from lightning_forget.app.pipeline import compare, verdict
 from lightning_forget.methods import (
     Delete,
     ForgettingMethod,
@@ -29,7 +30,6 @@ from lightning_forget.methods import (
     SalUn,
     SelectiveSynapticDampening,
 )
-from lightning_forget.pipeline import compare, verdict
 
 METHOD_CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "method").glob("*.yaml"))
 FORGET = [3]

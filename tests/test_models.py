@@ -1,10 +1,10 @@
-"""The check that a network classifies the dataset's images: lightning_forget.models.check_classifier."""
+"""The check that a network classifies the dataset's images: lightning_forget.app.models.check_classifier."""
 
 import pytest
 from torch import Tensor, nn
 
-from lightning_forget.data import digits
-from lightning_forget.models import build_model, check_classifier
+from lightning_forget.app.data import digits
+from lightning_forget.app.models import build_model, check_classifier
 
 
 class Broken(nn.Module):

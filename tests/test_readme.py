@@ -6,7 +6,7 @@ import torch
 from conftest import TEST_SEED, bound
 
 from lightning_forget import evaluate_forgetting
-from lightning_forget.data import digits
+from lightning_forget.app.data import digits
 
 README = Path(__file__).parents[1] / "README.md"
 

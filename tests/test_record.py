@@ -21,9 +21,11 @@ from test_app import REPO, assert_ok, check_in_process, clean_env, cli_run
 from torch.utils.data import DataLoader
 
 from lightning_forget import ClassForgetting, ClassifierModule, ForgettingModule, build_model, few_shot_subset
-from lightning_forget.data import dataset_labels, digits
-from lightning_forget.masks import verify as masks_verify
-from lightning_forget.record import (
+from lightning_forget.app.data import digits
+from lightning_forget.app.settings import SettingError
+from lightning_forget.plugin.few_shot import dataset_labels
+from lightning_forget.plugin.masks import verify as masks_verify
+from lightning_forget.plugin.record import (
     FORMAT,
     RECORD_FILE,
     check_record,
@@ -33,7 +35,6 @@ from lightning_forget.record import (
     state_digest,
     write_record,
 )
-from lightning_forget.settings import SettingError
 
 # Runs of the app with the few settings a record needs: seconds each.
 TINY_APP = ["train.epochs=3", "eval.probe=null", "eval.relearn=null", "baselines=[retrain]"]

@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_net
 from torch import nn
 
+from lightning_forget.app.pipeline import build_report
+from lightning_forget.app.runs import CLAIM, MODEL_FILE, SWEEP_CLAIM, claim, give_back, load_line, write_run
 from lightning_forget.methods import Outcome
-from lightning_forget.pipeline import build_report
-from lightning_forget.runs import CLAIM, MODEL_FILE, SWEEP_CLAIM, claim, give_back, load_line, write_run
 
 TINY = {"_target_": "conftest.tiny_net"}
 

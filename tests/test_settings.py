@@ -1,4 +1,4 @@
-"""Strict checks of config values against what they configure: lightning_forget.settings."""
+"""Strict checks of config values against what they configure: lightning_forget.app.settings."""
 
 import re
 from dataclasses import dataclass
@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 import pytest
 
 from lightning_forget import ProbeSettings, RelearnSettings
+from lightning_forget.app.settings import AtLeast, SettingError, check_settings, check_value
 from lightning_forget.methods import Delete, ForgettingMethod, GradientAscent, RandomLabel, Recipe, SalUn
-from lightning_forget.settings import AtLeast, SettingError, check_settings, check_value
 
 
 @dataclass

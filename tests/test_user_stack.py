@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_forget import ClassForgetting
-from lightning_forget.callback import LOGGED_EACH_EPOCH, LOGGED_EACH_STEP
+from lightning_forget.plugin.callback import LOGGED_EACH_EPOCH, LOGGED_EACH_STEP
 
 
 class LoggingClassifier(UserClassifier):
@@ -260,9 +260,9 @@ def test_manual_optimization_with_objective_none_trains_with_the_guarantee_and_i
     assert_only_masked_entries_changed(module, before, forget.masks)
 
 
-def test_the_readme_monitored_fit_snippet_builds_its_trainer():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = re.search(r"### What it logs.*?```python\n(.*?)```", readme, re.S).group(1)
+def test_the_documented_monitored_fit_snippet_builds_its_trainer():
+    page = (Path(__file__).parents[1] / "docs" / "callback.md").read_text()
+    snippet = re.search(r"## What it logs.*?```python\n(.*?)```", page, re.S).group(1)
     namespace: dict = {}
-    exec(compile(snippet, "README monitored fit", "exec"), namespace)
+    exec(compile(snippet, "docs/callback.md monitored fit", "exec"), namespace)
     assert isinstance(namespace["trainer"], L.Trainer)

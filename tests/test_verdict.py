@@ -11,7 +11,7 @@ from conftest import TEST_SEED, quiet_trainer, tiny_loader, tiny_net
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_forget import ClassForgetting, ForgettingModule
-from lightning_forget.holdout import fingerprints
+from lightning_forget.plugin.holdout import fingerprints
 
 
 class Trained(L.LightningModule):
@@ -72,7 +72,7 @@ def test_the_verdict_judges_one_held_back_sample_per_class_that_no_training_step
 def test_a_verdict_that_falls_short_says_not_forgotten_what_fell_short_and_what_to_raise(trained_net, caplog):
     callback = ClassForgetting([1])
     with (
-        caplog.at_level(logging.WARNING, logger="lightning_forget.callback"),
+        caplog.at_level(logging.WARNING, logger="lightning_forget.plugin.callback"),
         pytest.warns(UserWarning, match=r"NOT forgotten: .*To forget them: raise max_epochs"),
     ):
         _fit(copy.deepcopy(trained_net), callback, tiny_loader(n_per_class=6), max_epochs=1, lr=1e-5)

@@ -12,10 +12,10 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_forget.classes import check_already_forgotten, check_forget_classes, remaining_classes
-from lightning_forget.data import dataset_labels
-from lightning_forget.module import ClassifierModule, check_optimizer_settings
-from lightning_forget.verdict import Verdict
+from lightning_forget.plugin.classes import check_already_forgotten, check_forget_classes, remaining_classes
+from lightning_forget.plugin.few_shot import dataset_labels
+from lightning_forget.plugin.module import ClassifierModule, check_optimizer_settings
+from lightning_forget.plugin.verdict import Verdict
 
 # Called with ``max_epochs=`` and optionally ``callbacks=``; returns a configured Trainer.
 TrainerFactory = Callable[..., pl.Trainer]

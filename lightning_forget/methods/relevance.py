@@ -7,16 +7,6 @@ from typing import Literal
 
 import torch
 
-from lightning_forget.callback import (
-    DEFAULT_CRITERION,
-    DEFAULT_FRACTION,
-    DEFAULT_IMPAIR,
-    DEFAULT_IMPAIR_KEEP,
-    DEFAULT_OBJECTIVE,
-    DEFAULT_PATIENCE,
-    ClassForgetting,
-)
-from lightning_forget.features import final_linear
 from lightning_forget.methods.base import (
     DataRegime,
     ForgettingMethod,
@@ -26,10 +16,20 @@ from lightning_forget.methods.base import (
     TrainerFactory,
     fit_timed,
 )
-from lightning_forget.module import ForgettingModule
-from lightning_forget.objective import ForgettingObjective
-from lightning_forget.relevance import Score
-from lightning_forget.verdict import ForgetCriterion
+from lightning_forget.plugin.callback import (
+    DEFAULT_CRITERION,
+    DEFAULT_FRACTION,
+    DEFAULT_IMPAIR,
+    DEFAULT_IMPAIR_KEEP,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_PATIENCE,
+    ClassForgetting,
+)
+from lightning_forget.plugin.features import final_linear
+from lightning_forget.plugin.module import ForgettingModule
+from lightning_forget.plugin.objective import ForgettingObjective
+from lightning_forget.plugin.relevance import Score
+from lightning_forget.plugin.verdict import ForgetCriterion
 
 DEFAULT_RECIPE = Recipe(epochs=50, batch_size=32, optimizer="adam", lr=5e-3)
 Layers = Literal["all", "head", "features"]

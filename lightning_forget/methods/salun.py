@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lightning_forget.callback import ClassForgetting
-from lightning_forget.masks import top_fraction_masks
 from lightning_forget.methods.base import (
     DataRegime,
     ForgettingMethod,
@@ -23,7 +21,9 @@ from lightning_forget.methods.base import (
     fit_timed,
 )
 from lightning_forget.methods.random_label import random_label_loss
-from lightning_forget.relevance import eval_mode
+from lightning_forget.plugin.callback import ClassForgetting
+from lightning_forget.plugin.masks import top_fraction_masks
+from lightning_forget.plugin.relevance import eval_mode
 
 # Published for CIFAR-10 / ResNet-18: SGD (momentum 0.9, weight decay 5e-4), lr 0.1, 10 epochs, batch 256.
 PUBLISHED = Recipe(epochs=10, batch_size=256, optimizer="sgd", lr=0.1, weight_decay=5e-4)

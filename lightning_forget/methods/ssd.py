@@ -18,7 +18,7 @@ from lightning_forget.methods.base import (
     TrainerFactory,
     check_positive,
 )
-from lightning_forget.relevance import eval_mode
+from lightning_forget.plugin.relevance import eval_mode
 
 
 class SelectiveSynapticDampening(ForgettingMethod):

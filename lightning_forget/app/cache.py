@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_forget.data import ClassificationData, dataset_labels
+from lightning_forget.app.data import ClassificationData
+from lightning_forget.plugin.few_shot import dataset_labels
 
 log = logging.getLogger(__name__)
 # Trainer settings that do not change what a fit learns; every other one is part of a key.

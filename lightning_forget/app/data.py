@@ -1,4 +1,4 @@
-"""Datasets: the few-shot subset, and the image classification datasets the app composes."""
+"""Datasets: the image classification datasets the app composes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -13,56 +14,16 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
-from lightning_forget.image_tensors import (
+from lightning_forget.app.image_tensors import (
     DEFAULT_CACHE_DIR,
     ImageTensorDataset,
     check_image_folder,
     check_image_options,
     decode_image_folder,
+    fits_in_memory,
     load_image,
 )
-
-
-def dataset_labels(dataset: Dataset) -> Tensor:
-    """Class labels of every sample, from ``targets``/``labels`` when present, else from the samples."""
-    if isinstance(dataset, Subset):
-        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    for attr in ("targets", "labels"):  # torchvision datasets; SVHN says "labels"
-        if hasattr(dataset, attr):
-            return torch.as_tensor(getattr(dataset, attr), dtype=torch.long)
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
-
-
-def few_shot_subset(dataset: Dataset, shots: int, seed: int = 0, classes: Sequence[int] | None = None) -> Subset:
-    """Exactly ``shots`` samples of every class (or of ``classes``), drawn reproducibly from ``seed``.
-
-    Args:
-        dataset: a labelled dataset.
-        shots: samples per class, >= 1.
-        seed: seed of the draw.
-        classes: the classes to draw from; ``None`` takes every class present.
-
-    Returns:
-        A ``Subset`` of ``dataset``, indices sorted.
-
-    Raises:
-        ValueError: if ``shots < 1`` or a class has fewer than ``shots`` samples.
-    """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise ValueError(f"shots must be a positive integer, got {shots!r}.")
-    labels = dataset_labels(dataset)
-    wanted = sorted(set(labels.tolist())) if classes is None else list(classes)
-    generator = torch.Generator().manual_seed(seed)
-    chosen: list[Tensor] = []
-    for c in wanted:
-        members = (labels == c).nonzero().squeeze(1)
-        if len(members) < shots:
-            raise ValueError(
-                f"Class {c} has {len(members)} samples, fewer than shots={shots}: lower shots to at most "
-                f"{len(members)}."
-            )
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
-    return Subset(dataset, sorted(torch.cat(chosen).tolist()) if chosen else [])
+from lightning_forget.plugin.few_shot import few_shot_subset
 
 
 @dataclass
@@ -123,7 +84,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> ClassificationData:
     )
 
 
-# name: (torchvision class, channels, mean, std, augment with crop+flip)
+# name: (torchvision class, channels, mean, std, random crops with augment)
 _TORCHVISION = {
     "mnist": (tv_datasets.MNIST, 1, (0.1307,), (0.3081,), False),
     "fashion_mnist": (tv_datasets.FashionMNIST, 1, (0.2860,), (0.3530,), False),
@@ -134,22 +95,28 @@ _TORCHVISION = {
 TORCHVISION_DATASETS: tuple[str, ...] = tuple(_TORCHVISION)
 
 
-def _transforms(mean: Sequence[float], std: Sequence[float], size: int, augment: bool) -> tuple[T.Compose, T.Compose]:
+def _transforms(
+    mean: Sequence[float], std: Sequence[float], size: int, augment: bool, flip: bool
+) -> tuple[T.Compose, T.Compose]:
     evaluation = [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
-    if not augment:
+    if not (augment or flip):
         return T.Compose(evaluation), T.Compose(evaluation)
-    training = [T.Resize(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), *evaluation[2:]]
+    crop = T.RandomCrop(size, padding=size // 8) if augment else T.CenterCrop(size)
+    training = [T.Resize(size), crop, *([T.RandomHorizontalFlip()] if flip else []), *evaluation[2:]]
     return T.Compose(training), T.Compose(evaluation)
 
 
-def torchvision_dataset(name: str, root: str, download: bool = False, augment: bool = True) -> ClassificationData:
+def torchvision_dataset(
+    name: str, root: str, download: bool = False, augment: bool = True, flip: bool = False
+) -> ClassificationData:
     """A torchvision dataset (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``, ``svhn``).
 
     Args:
         name: dataset name.
         root: folder holding (or to receive) the files.
         download: fetch the files when they are missing.
-        augment: random crop and flip for training, where the dataset calls for it.
+        augment: random crops for training, where the dataset calls for them (CIFAR).
+        flip: random horizontal flips for training: for natural images (CIFAR), not for digits or house numbers.
 
     Raises:
         ValueError: for an unknown name.
@@ -157,9 +124,9 @@ def torchvision_dataset(name: str, root: str, download: bool = False, augment: b
     """
     if name not in _TORCHVISION:
         raise ValueError(f"Unknown torchvision dataset {name!r}: choose one of {TORCHVISION_DATASETS}.")
-    cls, channels, mean, std, flips = _TORCHVISION[name]
+    cls, channels, mean, std, crops = _TORCHVISION[name]
     size = 28 if channels == 1 else 32
-    train_tf, eval_tf = _transforms(mean, std, size, augment and flips)
+    train_tf, eval_tf = _transforms(mean, std, size, augment and crops, flip)
 
     def split(train: bool, transform: T.Compose) -> Dataset:
         kwargs = {"split": "train" if train else "test"} if cls is tv_datasets.SVHN else {"train": train}
@@ -190,9 +157,10 @@ def image_folder(
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
     augment: bool = True,
+    flip: bool = False,
     train_per_class: int | None = None,
     seed: int = 0,
-    in_memory: bool = False,
+    in_memory: bool | Literal["auto"] = "auto",
     device: str = "auto",
     cache_dir: str | None = DEFAULT_CACHE_DIR,
     progress: bool = True,
@@ -204,13 +172,17 @@ def image_folder(
         image_size: images are resized and centre-cropped to this size.
         channels: 1 (converted to grey) or 3.
         mean, std: per-channel normalisation, one value per channel.
-        augment: random crop and flip for training.
+        augment: random crops for training.
+        flip: random horizontal flips for training: for natural photos, where a mirror image shows the same class;
+            not for digits, letters or anything that a mirror makes into something else.
         train_per_class: keep only this many training images per class (drawn with ``seed``),
             for quick runs; ``None`` keeps all.
         seed: seed of that draw.
         in_memory: decode every split once into uint8 tensors (cached in ``cache_dir``) and serve them as
-            :class:`~lightning_forget.image_tensors.ImageTensorDataset`, normalised and augmented a whole batch
-            at a time; else decode every image at every epoch with PIL.
+            :class:`~lightning_forget.app.image_tensors.ImageTensorDataset`, normalised and augmented a whole batch
+            at a time; else decode every image at every epoch with PIL. ``"auto"``: decode once when the decoded
+            images fit in a quarter of this machine's memory, and log which
+            (:func:`~lightning_forget.app.image_tensors.fits_in_memory`).
         device: with ``in_memory``, where the images live: ``auto`` (the GPU when there is one and they fit
             in a quarter of its memory), ``cpu`` or ``cuda``.
         cache_dir: where decoded splits (``in_memory``) or the record of checked images are kept; ``None``
@@ -222,7 +194,8 @@ def image_folder(
 
     Raises:
         FileNotFoundError: if ``root/train`` or ``root/test`` is missing.
-        ValueError: for bad sizes, channels, statistics or device, or if train and test hold different classes.
+        ValueError: for bad sizes, channels, statistics, device or ``in_memory``, or if train and test hold different
+            classes.
         OSError: naming the file, for an image that cannot be decoded.
     """
     base = Path(root).expanduser()
@@ -232,19 +205,23 @@ def image_folder(
                 f"dataset.root={str(base)!r} has no {part}/ folder: point dataset.root at a folder holding "
                 "train/<class>/* and test/<class>/*."
             )
+    if not isinstance(in_memory, bool) and in_memory != "auto":
+        raise ValueError(f"in_memory must be true, false or 'auto', got {in_memory!r}.")
     check_image_options(image_size, channels, mean, std, device=device if in_memory else None)
+    if in_memory == "auto":
+        in_memory = fits_in_memory([base / "train", base / "test"], image_size, channels)
     if in_memory:
         decoded = [
             decode_image_folder(base / part, image_size, channels, cache_dir, progress) for part in ("train", "test")
         ]
         (train_images, train_targets, train_classes), (test_images, test_targets, classes) = decoded
         train_eval = ImageTensorDataset(train_images, train_targets, mean, std, device=device)
-        train = train_eval.with_augment(augment)
+        train = train_eval.with_augment(augment, flip)
         test = ImageTensorDataset(test_images, test_targets, mean, std, device=device)
     else:
         for part in ("train", "test"):
             check_image_folder(base / part, image_size, channels, cache_dir, progress)
-        train_tf, eval_tf = _transforms(mean, std, image_size, augment)
+        train_tf, eval_tf = _transforms(mean, std, image_size, augment, flip)
         loader = partial(load_image, channels=channels)
         train = tv_datasets.ImageFolder(str(base / "train"), transform=train_tf, loader=loader)
         train_eval = tv_datasets.ImageFolder(str(base / "train"), transform=eval_tf, loader=loader)

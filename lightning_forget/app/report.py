@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_forget.settings import show
+from lightning_forget.app.settings import show
 
 # Report columns in order, with their format; a column shows when some row has it.
 COLUMNS: dict[str, str] = {

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_forget.batches import BatchFormat, check_targets
+from lightning_forget.plugin.batches import BatchFormat, check_targets
 
 
 def fingerprints(inputs: Tensor) -> list[str]:
@@ -56,7 +56,7 @@ def hold_back(
         The held-back samples and ``""``, or ``None`` and why none could be held back.
 
     Raises:
-        ValueError: for targets that are not class ids (see :func:`~lightning_forget.batches.check_targets`).
+        ValueError: for targets that are not class ids (see :func:`~lightning_forget.plugin.batches.check_targets`).
     """
     first = _rows(batches, batch_format)
     if first is None:

@@ -15,13 +15,15 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from lightning_forget.cache import ModelCache, digest
-from lightning_forget.data import ClassificationData, dataset_labels
-from lightning_forget.measurable import add_anamnesis_index, not_checked
+from lightning_forget.app.cache import ModelCache, digest
+from lightning_forget.app.data import ClassificationData
+from lightning_forget.app.runs import write_run
+from lightning_forget.evaluation.evidence import add_anamnesis_index
+from lightning_forget.evaluation.measurable import not_checked
 from lightning_forget.methods.base import ForgettingMethod, ForgettingTask, Outcome, Recipe, TrainerFactory
 from lightning_forget.methods.base import train_classifier as _train
-from lightning_forget.record import make_record, record_digest, samples_digest, state_digest, utc_now
-from lightning_forget.runs import write_run
+from lightning_forget.plugin.few_shot import dataset_labels
+from lightning_forget.plugin.record import make_record, record_digest, samples_digest, state_digest, utc_now
 
 log = logging.getLogger(__name__)
 _DDP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GLOBAL_RANK")
@@ -180,19 +182,19 @@ def compare_and_report(
         evaluate: a model (and ``original=``, ``exclude_indices=``) to its figures (see
             :func:`~lightning_forget.evaluate_forgetting`).
         seed: every fit starts from this global seed.
-        out_dir: the run folder (see :func:`~lightning_forget.runs.write_run`).
+        out_dir: the run folder (see :func:`~lightning_forget.app.runs.write_run`).
         loading: a path to the line of code that loads the forgotten model from it.
         model_name: the architecture, which names the cached original's file.
         original: the trained original, else obtained with :func:`obtain_original`.
         cache: where trained originals and retrained models are kept.
         keys: the cache keys of fits on one device and of fits with the configured trainer (see
-            :func:`~lightning_forget.cache.training_keys`).
+            :func:`~lightning_forget.app.cache.training_keys`).
         about: entries added to the report (the run's setting and config).
         already_forgotten: classes earlier requests forgot (``original`` comes from a forgetting): kept forgotten,
             evaluated as forgotten classes, and left out of retraining.
         previous_record: the record of the request ``original`` comes from; the run's record names its sha256.
-        original_source: ``file`` and ``sha256`` (:func:`~lightning_forget.record.state_digest` of its weights) of
-            the file ``original`` was read from; ``None`` when it is trained or cached here.
+        original_source: ``file`` and ``sha256`` (:func:`~lightning_forget.plugin.record.state_digest` of its
+            weights) of the file ``original`` was read from; ``None`` when it is trained or cached here.
 
     Returns:
         The report, or ``None`` on a DDP rank other than zero (rank zero reports).
@@ -243,7 +245,7 @@ def run_record(
     previous_record: Mapping[str, Any] | None = None,
     original_source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The record of a run (see :mod:`lightning_forget.record`): the method under test's forgetting.
+    """The record of a run (see :mod:`lightning_forget.plugin.record`): the method under test's forgetting.
 
     The input weights are those of ``original_source``'s file as stored (with ``original.ckpt``), else the
     original's ``state_dict`` (trained or cached here); the output weights and masks are those of

@@ -34,7 +34,7 @@ class NotMeasured(ValueError):
 
 
 def relearn_figures(epochs: int) -> tuple[str, ...]:
-    """The figures :func:`~lightning_forget.evidence.relearn` adds with ``epochs`` epochs."""
+    """The figures :func:`~lightning_forget.evaluation.evidence.relearn` adds with ``epochs`` epochs."""
     return tuple(dict.fromkeys(("relearn_acc_1", f"relearn_acc_{epochs}", "relearn_steps", "relearn_target")))
 
 
@@ -66,31 +66,6 @@ def evaluate_measured(model: Any, *, evaluate: Any, skipped: Mapping[str, str], 
     return figures
 
 
-def add_anamnesis_index(row: dict[str, Any], retrain: Mapping[str, Any]) -> None:
-    """Add ``anamnesis_index`` to ``row``, against the ``retrain`` row; not measured (and why) where it says nothing.
-
-    It says nothing when a row's relearn was not measured, when neither row relearned the classes within the
-    budget, or when the retrained model was at the target before any step.
-    """
-    # evidence builds on this module (NotMeasured), hence the import here.
-    from lightning_forget.evidence import anamnesis_index
-
-    reason = row.get(NOT_MEASURED, {}).get("relearn_steps") or retrain.get(NOT_MEASURED, {}).get("relearn_steps")
-    if reason is None:
-        index = anamnesis_index(row, retrain)
-        if index is not None:
-            row["anamnesis_index"] = index
-            return
-        if retrain["relearn_steps"] == 0:
-            reason = "the retrained model was at the relearn target before any step"
-        else:
-            reason = (
-                f"neither this model nor the retrained one relearned the classes within {retrain['relearn_budget']} "
-                "steps: raise eval.relearn.epochs"
-            )
-    add_figures(row, unmeasured(["anamnesis_index"], reason))
-
-
 def not_checked(models: Mapping[str, Mapping[str, Any]], method: str) -> dict[str, str]:
     """The checks the verdict against retrain would make but could not, each with why (none without retrain).
 
@@ -114,7 +89,6 @@ def not_checked(models: Mapping[str, Mapping[str, Any]], method: str) -> dict[st
 __all__ = [
     "NOT_MEASURED",
     "NotMeasured",
-    "add_anamnesis_index",
     "add_figures",
     "check_finite",
     "evaluate_measured",

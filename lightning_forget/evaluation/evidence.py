@@ -32,12 +32,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from lightning_forget.classes import check_forget_classes, remaining_classes
-from lightning_forget.data import dataset_labels, few_shot_subset
-from lightning_forget.evaluation import SubsetAccuracy, predict_logits
-from lightning_forget.features import captured_inputs, final_linear
-from lightning_forget.measurable import (
+from lightning_forget.evaluation.measurable import (
     DISTANCE_FIGURES,
+    NOT_MEASURED,
     PROBE_FIGURES,
     RETAIN_ATTACK_FIGURES,
     NotMeasured,
@@ -46,6 +43,11 @@ from lightning_forget.measurable import (
     relearn_figures,
     unmeasured,
 )
+from lightning_forget.evaluation.metrics import predict_logits
+from lightning_forget.plugin.accuracy import subset_accuracy
+from lightning_forget.plugin.classes import check_forget_classes, remaining_classes
+from lightning_forget.plugin.features import captured_inputs, final_linear
+from lightning_forget.plugin.few_shot import dataset_labels, few_shot_subset
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +258,8 @@ def linear_probe(
         log.warning("The linear probe did not converge in max_iter=%d iterations: raise max_iter.", max_iter)
     preds = torch.from_numpy(probe.predict(x_test.double().numpy()))
     return {
-        "probe_forget_acc": _micro_accuracy(preds, y_test, num_classes, forgotten),
-        "probe_retain_acc": _micro_accuracy(preds, y_test, num_classes, kept),
+        "probe_forget_acc": subset_accuracy(preds, y_test, num_classes, forgotten),
+        "probe_retain_acc": subset_accuracy(preds, y_test, num_classes, kept),
     }
 
 
@@ -515,6 +517,28 @@ def anamnesis_index(unlearned: Mapping[str, Any], retrained: Mapping[str, Any]) 
     return steps / reference
 
 
+def add_anamnesis_index(row: dict[str, Any], retrain: Mapping[str, Any]) -> None:
+    """Add ``anamnesis_index`` to ``row``, against the ``retrain`` row; not measured (and why) where it says nothing.
+
+    It says nothing when a row's relearn was not measured, when neither row relearned the classes within the
+    budget, or when the retrained model was at the target before any step.
+    """
+    reason = row.get(NOT_MEASURED, {}).get("relearn_steps") or retrain.get(NOT_MEASURED, {}).get("relearn_steps")
+    if reason is None:
+        index = anamnesis_index(row, retrain)
+        if index is not None:
+            row["anamnesis_index"] = index
+            return
+        if retrain["relearn_steps"] == 0:
+            reason = "the retrained model was at the relearn target before any step"
+        else:
+            reason = (
+                f"neither this model nor the retrained one relearned the classes within {retrain['relearn_budget']} "
+                "steps: raise eval.relearn.epochs"
+            )
+    add_figures(row, unmeasured(["anamnesis_index"], reason))
+
+
 def weight_distance(model: nn.Module, original: nn.Module) -> dict[str, float]:
     """How far ``model``'s parameters moved from ``original``'s (buffers such as BatchNorm statistics excluded).
 
@@ -678,7 +702,7 @@ def _half_forget_accuracy(
     if original is None:
         raise ValueError("The relearn target is half the original's forget accuracy: pass original=, or a target.")
     logits, targets = predict_logits(original, Subset(test, _indices_of(test, forgotten)), device=device)
-    half = 0.5 * _micro_accuracy(logits, targets, num_classes, forgotten)
+    half = 0.5 * subset_accuracy(logits, targets, num_classes, forgotten)
     if half <= 0:
         raise NotMeasured("the original model gets none of the forgotten classes right: there is nothing to relearn")
     return half
@@ -705,12 +729,6 @@ def _accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
         correct = sum(int((net(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(256), y.split(256)))
     net.train(was_training)
     return correct / len(y)
-
-
-def _micro_accuracy(preds: Tensor, targets: Tensor, num_classes: int, classes: Sequence[int]) -> float:
-    metric = SubsetAccuracy(num_classes, classes)
-    metric.update(preds, targets)
-    return float(metric.compute())
 
 
 def _stack(dataset: Dataset, device: torch.device | str) -> tuple[Tensor, Tensor]:
@@ -765,6 +783,7 @@ __all__ = [
     "NotMeasured",
     "ProbeSettings",
     "RelearnSettings",
+    "add_anamnesis_index",
     "anamnesis_index",
     "draw_per_class",
     "final_linear",

@@ -43,13 +43,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_forget.checkpoints import _find_prefix, extract_state_dict
-from lightning_forget.masks import verify
+from lightning_forget.plugin.checkpoints import _find_prefix, extract_state_dict
+from lightning_forget.plugin.masks import verify
 
 RECORD_FILE = "forgetting_record.json"
 FORMAT = "lightning-forget forgetting record 1"
 HASHING = (
-    "sha256, lightning_forget.record: weights and masks by state_digest (sorted names, dtype, shape, raw "
+    "sha256, lightning_forget.plugin.record: weights and masks by state_digest (sorted names, dtype, shape, raw "
     "little-endian bytes), samples by samples_digest, records by record_digest (canonical JSON)"
 )
 _STATE_HEADER = b"lightning-forget state_dict v1\0"

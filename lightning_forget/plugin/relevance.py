@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_forget.batches import BatchFormat, check_targets
+from lightning_forget.plugin.batches import BatchFormat, check_targets
 
 Score = Literal["ratio", "forget_grad", "fisher_ratio", "random"]
 SCORES: tuple[str, ...] = ("ratio", "forget_grad", "fisher_ratio", "random")

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from lightning_forget.app.report import markdown_table, write_report
 from lightning_forget.methods.base import Outcome
-from lightning_forget.record import RECORD_FILE, write_record
-from lightning_forget.report import markdown_table, write_report
+from lightning_forget.plugin.record import RECORD_FILE, write_record
 
 try:
     import fcntl
@@ -190,7 +190,7 @@ def write_run(
 
     ``forgotten_model.pt`` holds the weights, the masks, the report and, with a ``record``, the record, its sha256
     and every class forgotten so far (what a later request starting from it reads); the record is also written to
-    ``forgetting_record.json``. ``report.json`` comes last (see :func:`~lightning_forget.report.write_report`).
+    ``forgetting_record.json``. ``report.json`` comes last (see :func:`~lightning_forget.app.report.write_report`).
 
     Args:
         out_dir: the run folder.
@@ -198,7 +198,7 @@ def write_run(
         outcome: the method under test's outcome.
         class_names: the dataset's class names.
         loading: a path to the line of code that loads the model from it (see :func:`load_line`).
-        record: the run's forgetting record (see :func:`~lightning_forget.pipeline.run_record`).
+        record: the run's forgetting record (see :func:`~lightning_forget.app.pipeline.run_record`).
     """
     state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
     saved: dict[str, Any] = {"state_dict": state, "masks": outcome.masks, "report": report}

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from lightning_forget.classes import remaining_classes
-from lightning_forget.data import ClassificationData, dataset_labels
-from lightning_forget.evidence import ProbeSettings, RelearnSettings, penultimate_features
-from lightning_forget.measurable import PROBE_FIGURES, RETAIN_ATTACK_FIGURES, relearn_figures
-from lightning_forget.settings import SettingError
+from lightning_forget.app.data import ClassificationData
+from lightning_forget.app.settings import SettingError
+from lightning_forget.evaluation.evidence import ProbeSettings, RelearnSettings, penultimate_features
+from lightning_forget.evaluation.measurable import PROBE_FIGURES, RETAIN_ATTACK_FIGURES, relearn_figures
+from lightning_forget.plugin.classes import remaining_classes
+from lightning_forget.plugin.few_shot import dataset_labels
 
 log = logging.getLogger(__name__)
 

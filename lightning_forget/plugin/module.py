@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_forget.callback import ClassForgetting
-from lightning_forget.classes import check_forget_classes
-from lightning_forget.evaluation import SubsetAccuracy
+from lightning_forget.plugin.accuracy import SubsetAccuracy
+from lightning_forget.plugin.callback import ClassForgetting
+from lightning_forget.plugin.classes import check_forget_classes
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 Optimizer = Literal["sgd", "adam", "adamw"]

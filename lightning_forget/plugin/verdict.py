@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_forget.batches import BatchFormat, check_targets
+from lightning_forget.plugin.batches import BatchFormat, check_targets
 
 
 @dataclass(frozen=True)

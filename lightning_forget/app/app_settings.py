@@ -18,18 +18,19 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import Subset
 
-from lightning_forget.cache import ModelCache, training_keys
-from lightning_forget.checkpoints import extract_state_dict, load_checkpoint
-from lightning_forget.classes import check_already_forgotten, resolve_classes
-from lightning_forget.data import ClassificationData, few_shot_subset
-from lightning_forget.evaluable import plan_evidence
-from lightning_forget.evaluation import evaluate_forgetting
-from lightning_forget.evidence import ProbeSettings, RelearnSettings
-from lightning_forget.measurable import evaluate_measured
+from lightning_forget.app.cache import ModelCache, training_keys
+from lightning_forget.app.data import ClassificationData
+from lightning_forget.app.evaluable import plan_evidence
+from lightning_forget.app.models import check_classifier
+from lightning_forget.app.settings import AtLeast, SettingError, check_settings, check_value, show
+from lightning_forget.evaluation.evidence import ProbeSettings, RelearnSettings
+from lightning_forget.evaluation.forgetting import evaluate_forgetting
+from lightning_forget.evaluation.measurable import evaluate_measured
 from lightning_forget.methods import ForgettingMethod, Recipe
-from lightning_forget.models import check_classifier
-from lightning_forget.record import Earlier, forgotten_before, state_digest
-from lightning_forget.settings import AtLeast, SettingError, check_settings, check_value, show
+from lightning_forget.plugin.checkpoints import extract_state_dict, load_checkpoint
+from lightning_forget.plugin.classes import check_already_forgotten, resolve_classes
+from lightning_forget.plugin.few_shot import few_shot_subset
+from lightning_forget.plugin.record import Earlier, forgotten_before, state_digest
 
 # Trainer settings the app sets for every fit itself, and where to set them instead.
 APP_OWNED = {
@@ -159,11 +160,11 @@ def build_run(
         settings: the checked settings (see :func:`check_app_settings`).
         data: the dataset ``dataset.*`` builds.
         make_model: a fresh network as ``model.*`` builds it.
-        one_device: the trainer settings of a fit on one device (see :func:`~lightning_forget.cache.training_keys`).
+        one_device: the trainer settings of a fit on one device (see :func:`~lightning_forget.app.cache.training_keys`).
         progress: show progress bars in the evaluation.
 
     Returns:
-        The keyword arguments of :func:`~lightning_forget.pipeline.compare_and_report` but ``methods``,
+        The keyword arguments of :func:`~lightning_forget.app.pipeline.compare_and_report` but ``methods``,
         ``trainers``, ``out_dir`` and ``loading``: the data, classes, few-shot samples, network, recipe, seed,
         original (from ``original.ckpt``), cache and keys, evaluator and the report's setting and config; and, from
         an ``original.ckpt`` that a forgetting produced (a ``forgotten_model.pt``), the classes it forgot (kept
@@ -272,7 +273,7 @@ def _evaluator(
 ) -> tuple[Callable[..., dict[str, Any]], list[str]]:
     """:func:`~lightning_forget.evaluate_forgetting` as ``eval.*`` sets it, on ``data``; a model to its figures.
 
-    The probe and relearn sets are fitted to the data first (see :func:`~lightning_forget.evaluable.plan_evidence`):
+    The probe and relearn sets are fitted to the data first (see :func:`~lightning_forget.app.evaluable.plan_evidence`):
     what the data cannot give is reported as not measured.
 
     Returns:

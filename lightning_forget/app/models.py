@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from lightning_forget.data import ClassificationData
+from lightning_forget.app.data import ClassificationData
 
 ARCHITECTURES: tuple[str, ...] = ("cnn", "resnet18", "resnet34", "resnet50", "vgg16_bn")
 

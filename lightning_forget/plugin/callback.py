@@ -31,11 +31,11 @@ from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_forget.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
-from lightning_forget.classes import check_already_forgotten, check_forget_classes
-from lightning_forget.features import captured_inputs, final_linear
-from lightning_forget.holdout import HeldBack, WithoutHeldBack, hold_back, keep_rows
-from lightning_forget.masks import (
+from lightning_forget.plugin.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
+from lightning_forget.plugin.classes import check_already_forgotten, check_forget_classes
+from lightning_forget.plugin.features import captured_inputs, final_linear
+from lightning_forget.plugin.holdout import HeldBack, WithoutHeldBack, hold_back, keep_rows
+from lightning_forget.plugin.masks import (
     GuaranteeReport,
     ParameterChange,
     StepGate,
@@ -44,10 +44,17 @@ from lightning_forget.masks import (
     top_fraction_masks,
     verify,
 )
-from lightning_forget.objective import ForgettingObjective
-from lightning_forget.record import batch_rows, make_record, previous_sha256, samples_digest, state_digest, utc_now
-from lightning_forget.relevance import SCORES, Score, eval_mode, relevance_scores
-from lightning_forget.verdict import Evidence, ForgetCriterion, Verdict, measure
+from lightning_forget.plugin.objective import ForgettingObjective
+from lightning_forget.plugin.record import (
+    batch_rows,
+    make_record,
+    previous_sha256,
+    samples_digest,
+    state_digest,
+    utc_now,
+)
+from lightning_forget.plugin.relevance import SCORES, Score, eval_mode, relevance_scores
+from lightning_forget.plugin.verdict import Evidence, ForgetCriterion, Verdict, measure
 
 try:  # Lightning >= 2.5
     from lightning.pytorch.callbacks import WeightAveraging
@@ -73,7 +80,7 @@ class ClassForgetting(Callback):
 
     At the start of training, before the first optimizer step, every entry of every trainable
     parameter is scored for its relevance to the forgotten classes on the fit's samples (see
-    :func:`~lightning_forget.relevance.relevance_scores`) and the top ``fraction`` is selected.
+    :func:`~lightning_forget.plugin.relevance.relevance_scores`) and the top ``fraction`` is selected.
     From then on every other entry stays bit-identical, whatever the optimizer, precision,
     accumulation, clipping or DDP do: after every optimizer step they are put back. Whatever else
     writes to them (an ``optimizer_step`` override, a hook, a callback) is found at the end of every
@@ -91,11 +98,11 @@ class ClassForgetting(Callback):
 
     After every epoch the samples it trains on are checked against ``criterion``; with
     ``stop_when_forgotten`` the fit stops once it has held for ``patience`` epoch ends
-    (``max_epochs`` is the cap). The fit ends with a :class:`~lightning_forget.verdict.Verdict`
+    (``max_epochs`` is the cap). The fit ends with a :class:`~lightning_forget.plugin.verdict.Verdict`
     in :attr:`verdict`: the same criterion on samples the fit did not train on (``holdout``
     samples of each class held back from the fit's data, or ``verdict_data``), or "not judged"
     with the reason when there are none. It is logged (``forget/verdict``: 1, 0, or NaN when not
-    judged), written to the ``lightning_forget.callback`` logger, and warned about when it is not
+    judged), written to the ``lightning_forget.plugin.callback`` logger, and warned about when it is not
     a yes.
 
     Logged metrics (``self.log``: loggers, progress bar and monitors see them):
@@ -104,7 +111,7 @@ class ClassForgetting(Callback):
       forgetting objective's loss, the value the replaced ``training_step`` returns; lower is better.
     - ``forget/retain``, ``forget/distill``, ``forget/forget``, ``forget/feature`` (every training
       step; only with an ``objective``): its unweighted terms (see
-      :class:`~lightning_forget.objective.ForgettingObjective`).
+      :class:`~lightning_forget.plugin.objective.ForgettingObjective`).
     - ``forget/samples_forget_acc``, ``forget/samples_forget_mass``, ``forget/samples_retain_acc``
       (every training epoch end, with or without ``objective``): accuracy on the forgotten-class
       samples, the probability they give the forgotten classes, and accuracy on the remaining-class
@@ -154,7 +161,7 @@ class ClassForgetting(Callback):
             do not overwrite their running statistics.
         inputs_targets: ``batch -> (inputs, class targets)`` for batches that are not
             ``(inputs, targets, ...)`` tuples (e.g. dicts).
-        logits: where the logits are in the module's output (see :class:`~lightning_forget.batches.BatchFormat`).
+        logits: where the logits are in the module's output (see :class:`~lightning_forget.plugin.batches.BatchFormat`).
         seed: seed of the ``random`` score and of the held-back draw.
         impair: at fit start, before any step, the selected entries are shrunk towards 0 by this
             share (1 zeroes them; 0 leaves them). What they held for the forgotten classes is
@@ -174,7 +181,7 @@ class ClassForgetting(Callback):
         verdict_data: batches, in the training batches' format, of samples the fit does not train
             on, for the verdict; ``holdout`` is then not used.
         already_forgotten: classes an earlier request forgot (a model that comes from a forgetting:
-            see :func:`~lightning_forget.record.forgotten_before`), kept forgotten: the objective, the
+            see :func:`~lightning_forget.plugin.record.forgotten_before`), kept forgotten: the objective, the
             stop rule and the verdict treat them as forgotten classes (their samples, where the data
             has some, get zero target mass; every other sample's target has them renormalised away),
             while the relevance scores look for the new ``forget_classes`` only (samples of these
@@ -283,15 +290,15 @@ class ClassForgetting(Callback):
         return sorted([*self.forget_classes, *self.already_forgotten])
 
     def record(self) -> dict[str, Any]:
-        """The record of the last fit: what was done, with the hashes that prove it (:mod:`lightning_forget.record`).
+        """The record of the last fit: what was done, with the hashes that prove it.
 
-        A plain, JSON-serialisable dict: the sha256 of the LightningModule's ``state_dict`` when the fit started
-        (``weights.input_sha256``) and when it ended (``output_sha256``; what ``trainer.save_checkpoint`` and
-        ``torch.save(module.state_dict())`` store), of the masks, the classes, the sha256 of the samples of the
-        fit's training data (this process's share under DDP), the settings and the optimizers, the library
-        versions, the verdict and its evidence, the UTC times and ``previous_record``. It is also in the callback's
-        checkpoint state once the fit has ended (save the checkpoint after the fit). ``python -m
-        lightning_forget.verify`` checks it against the files (:func:`~lightning_forget.record.write_record`
+        A plain, JSON-serialisable dict (see :mod:`lightning_forget.plugin.record`): the sha256 of the LightningModule's
+        ``state_dict`` when the fit started (``weights.input_sha256``) and when it ended (``output_sha256``; what
+        ``trainer.save_checkpoint`` and ``torch.save(module.state_dict())`` store), of the masks, the classes, the
+        sha256 of the samples of the fit's training data (this process's share under DDP), the settings and the
+        optimizers, the library versions, the verdict and its evidence, the UTC times and ``previous_record``. It is
+        also in the callback's checkpoint state once the fit has ended (save the checkpoint after the fit). ``python -m
+        lightning_forget.verify`` checks it against the files (:func:`~lightning_forget.plugin.record.write_record`
         writes it).
 
         Raises:
@@ -321,7 +328,7 @@ class ClassForgetting(Callback):
             module: the fitted LightningModule (names as in :attr:`masks`); ``None`` for the last one fitted.
 
         Returns:
-            A :class:`~lightning_forget.masks.GuaranteeReport`; ``report.ok`` says whether the guarantee holds.
+            A :class:`~lightning_forget.plugin.masks.GuaranteeReport`; ``report.ok`` says whether the guarantee holds.
 
         Raises:
             RuntimeError: before any fit, or when the last fitted module is gone and none is given.
@@ -544,7 +551,7 @@ class ClassForgetting(Callback):
         return DataLoader(loader.dataset, batch_size=batch_size, sampler=shard, collate_fn=loader.collate_fn)
 
     def _hash_samples(self) -> dict[str, Any]:
-        """How many samples the fit's data holds, and their sha256 (:func:`~lightning_forget.record.samples_digest`)."""
+        """How many samples the fit's data holds, and their sha256 (see :mod:`lightning_forget.plugin.record`)."""
         fmt = self.batch_format
         try:
             with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: leave the fit's random stream

@@ -2,7 +2,7 @@
 
 Decoding a JPEG costs far more than a training step of a small network on a 32x32 image, so a
 CIFAR-sized dataset is decoded once (resized and centre-cropped exactly as the PIL transforms of
-:mod:`lightning_forget.data` do), kept as one ``N x C x H x W`` uint8 tensor, and normalised and
+:mod:`lightning_forget.app.data` do), kept as one ``N x C x H x W`` uint8 tensor, and normalised and
 augmented per batch on the tensor's device: on a GPU no per-sample Python work remains.
 """
 
@@ -37,6 +37,8 @@ DEFAULT_CACHE_DIR = "~/.cache/lightning-forget/decoded"
 _CACHE_FORMAT = 1
 # "auto" keeps images on the GPU only while they take at most this share of its memory, leaving the rest to training.
 _AUTO_GPU_SHARE = 0.25
+# in_memory="auto" decodes a folder once only while its images take at most this share of the machine's memory.
+_AUTO_MEMORY_SHARE = 0.25
 
 
 class DecodedImages(NamedTuple):
@@ -98,6 +100,39 @@ def decode_image_folder(
     if cache is not None:
         _save_cache(cache, decoded, summary)
     return decoded
+
+
+def fits_in_memory(folders: Sequence[str | Path], image_size: int, channels: int) -> bool:
+    """Whether the images of ``folders`` (each ``<class>/*``), decoded, fit in a quarter of this machine's memory.
+
+    What ``in_memory="auto"`` decides by; the answer and its figures go to the log.
+
+    Raises:
+        FileNotFoundError: if a folder holds no class folder or a class folder holds no image.
+    """
+    count = 0
+    for folder in folders:
+        _, class_to_idx = tv_folder.find_classes(str(folder))
+        count += len(tv_folder.make_dataset(str(folder), class_to_idx, extensions=tv_folder.IMG_EXTENSIONS))
+    nbytes, memory = count * channels * image_size * image_size, _machine_memory()
+    fits = nbytes <= _AUTO_MEMORY_SHARE * memory
+    log.info(
+        "in_memory=auto: the %d images take %.1f MB decoded, %s a quarter of this machine's memory (%s): %s.",
+        count,
+        nbytes / 1e6,
+        "within" if fits else "more than",
+        f"{memory / 1e9:.1f} GB" if memory else "unknown",
+        "decoding them once into memory" if fits else "decoding them at every epoch (in_memory=true forces memory)",
+    )
+    return fits
+
+
+def _machine_memory() -> int:
+    """This machine's physical memory in bytes; 0 where the system does not tell (no ``os.sysconf``)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def check_image_folder(
@@ -275,15 +310,17 @@ class ImageTensorDataset(Dataset):
         images: uint8 images, N x C x H x W, C being 1 or 3.
         targets: integer class labels, N.
         mean, std: per-channel normalisation, one value per channel, in [0, 1] pixel units.
-        augment: random crop (zero padding of ``W // 8``) and horizontal flip, drawn from torch's
-            global generator of the images' device, so ``torch.manual_seed`` makes them reproducible.
+        augment: random crops (zero padding of ``W // 8``), drawn from torch's global generator of the images'
+            device, so ``torch.manual_seed`` makes them reproducible.
         device: where the images live: ``"cpu"``, ``"cuda"``, ``"cuda:1"``..., or ``"auto"``: the current
             CUDA device at the first fetch (so each DDP process uses its own GPU) when there is one and the
             images take at most a quarter of its memory, else the CPU. DataLoader workers keep them on the CPU.
+        flip: random horizontal flips, drawn as the crops are.
 
     Attributes:
         targets: the labels, always on the CPU (read by ``dataset_labels`` and ``few_shot_subset``).
-        augment: whether batches are augmented.
+        augment: whether batches are randomly cropped.
+        flip: whether batches are randomly flipped.
 
     Raises:
         ValueError: for images that are not uint8 N x C x H x W, mismatched targets, bad statistics, or an
@@ -298,6 +335,7 @@ class ImageTensorDataset(Dataset):
         std: Sequence[float],
         augment: bool = False,
         device: str | torch.device = "cpu",
+        flip: bool = False,
     ) -> None:
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 tensor of shape N x C x H x W, e.g. from decode_image_folder.")
@@ -310,7 +348,7 @@ class ImageTensorDataset(Dataset):
         check_image_options(images.shape[-1], images.shape[1], mean, std)
         auto = device == "auto"
         self.targets = targets.to("cpu", torch.long)
-        self.augment = augment
+        self.augment, self.flip = augment, flip
         self._placement = _Placement(
             images,
             self.targets,
@@ -340,10 +378,10 @@ class ImageTensorDataset(Dataset):
         self._placement.move(_usable_device(device))
         return self
 
-    def with_augment(self, augment: bool) -> ImageTensorDataset:
-        """The same images (same memory, moving together) with training augmentation on or off."""
+    def with_augment(self, augment: bool, flip: bool = False) -> ImageTensorDataset:
+        """The same images (same memory, moving together) with random crops and flips on or off."""
         twin = copy.copy(self)
-        twin.augment = augment
+        twin.augment, twin.flip = augment, flip
         return twin
 
     def __len__(self) -> int:
@@ -379,21 +417,22 @@ class ImageTensorDataset(Dataset):
     def _images_at(self, index: Tensor) -> Tensor:
         placement = self._placement
         images = placement.images.index_select(0, index)  # far faster than images[index] on a CPU
-        if self.augment:
-            images = _crop_and_flip(images, padding=images.shape[-1] // 8)
+        if self.augment or self.flip:
+            images = _crop_and_flip(images, padding=images.shape[-1] // 8 if self.augment else 0, flip=self.flip)
         # The same operations as ToTensor + Normalize, so the results agree with the PIL path.
         return images.float().div_(255).sub_(placement.mean).div_(placement.std)
 
 
-def _crop_and_flip(images: Tensor, padding: int) -> Tensor:
+def _crop_and_flip(images: Tensor, padding: int, flip: bool) -> Tensor:
+    """Random crops of the images zero-padded by ``padding`` (0: none), each flipped or not when ``flip``."""
     count, channels, height, width = images.shape
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding)).flatten(2)
     offsets = torch.randint(0, 2 * padding + 1, (2, count, 1), device=device)
-    flips = torch.rand(count, 1, device=device) < 0.5
     rows = offsets[0] + torch.arange(height, device=device)
     columns = offsets[1] + torch.arange(width, device=device)
-    columns = torch.where(flips, columns.flip(1), columns)
+    if flip:
+        columns = torch.where(torch.rand(count, 1, device=device) < 0.5, columns.flip(1), columns)
     # One gather does every sample's crop and flip (5x faster on a CPU than 4-way advanced indexing).
     source = rows.view(count, 1, height, 1) * (width + 2 * padding) + columns.view(count, 1, 1, width)
     return padded.gather(2, source.view(count, 1, -1).expand(-1, channels, -1)).view(count, channels, height, width)
