@@ -71,7 +71,7 @@ DEFAULT_OBJECTIVE = ForgettingObjective()
 DEFAULT_CRITERION = ForgetCriterion()
 DEFAULT_PATIENCE = 5
 # What the callback logs with ``self.log`` during a fit (see ClassForgetting's docstring): the keys a monitor can use.
-LOGGED_EACH_STEP = ("forget/loss", "forget/retain", "forget/distill", "forget/forget", "forget/feature")
+LOGGED_EACH_STEP = ("forget/loss", "forget/retain", "forget/distill", "forget/forget", "forget/feature", "forget/mix")
 LOGGED_EACH_EPOCH = ("forget/samples_forget_acc", "forget/samples_forget_mass", "forget/samples_retain_acc")
 
 
@@ -109,7 +109,7 @@ class ClassForgetting(Callback):
 
     - ``forget/loss`` (every training step, on the progress bar; only with an ``objective``): the
       forgetting objective's loss, the value the replaced ``training_step`` returns; lower is better.
-    - ``forget/retain``, ``forget/distill``, ``forget/forget``, ``forget/feature`` (every training
+    - ``forget/retain``, ``forget/distill``, ``forget/forget``, ``forget/feature``, ``forget/mix`` (every training
       step; only with an ``objective``): its unweighted terms (see
       :class:`~lightning_forget.plugin.objective.ForgettingObjective`).
     - ``forget/samples_forget_acc``, ``forget/samples_forget_mass``, ``forget/samples_retain_acc``
