@@ -274,6 +274,7 @@ def forget(
         "epochs": trainer.current_epoch,
         "verdict_forgotten": None if verdict is None else verdict.forgotten,
         "verdict_judged": None if verdict is None else verdict.judged,
+        "verdict_shortfalls": [] if verdict is None else list(verdict.shortfalls),
     }
 
 
