@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import TEST_SEED, quiet_trainer, tiny_loader, tiny_net
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_forget import ClassForgetting, ForgettingModule
+from lightning_forget import ClassForgetting, Evidence, ForgetCriterion, ForgettingModule
 from lightning_forget.plugin.holdout import fingerprints
 
 
@@ -133,3 +133,21 @@ def test_holdout_is_validated_at_construction():
         ClassForgetting([1], holdout=-1)
     with pytest.raises(ValueError, match=r"impair must be a number in \[0, 1\]"):
         ClassForgetting([1], impair=1.5)
+
+
+def _evidence(forget_mass=0.0, retain_acc=1.0, retain_confidence=0.9, retain_samples=9):
+    return Evidence(0.0, retain_acc, forget_mass, retain_confidence, 1, retain_samples)
+
+
+def test_unseen_samples_are_judged_as_a_test_set_is_and_trained_ones_as_strictly_as_before():
+    rule, before = ForgetCriterion(), _evidence()
+    # A little forgotten-class probability left on a sample the fit never pushed down.
+    assert rule.shortfalls(before, _evidence(forget_mass=0.03), unseen=True) == []
+    assert rule.shortfalls(before, _evidence(forget_mass=0.03)) != []
+    assert rule.shortfalls(before, _evidence(forget_mass=0.06), unseen=True) != []
+    # One of 9 remaining-class samples flipped is within the noise of 9 samples; two are not.
+    assert rule.shortfalls(before, _evidence(retain_acc=8 / 9), unseen=True) == []
+    assert rule.shortfalls(before, _evidence(retain_acc=7 / 9), unseen=True) != []
+    assert rule.shortfalls(before, _evidence(retain_acc=8 / 9)) != []
+    # The own-class probability, the finer measure, stays as strict on unseen samples.
+    assert rule.shortfalls(before, _evidence(retain_confidence=0.85), unseen=True) != []

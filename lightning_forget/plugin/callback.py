@@ -801,7 +801,7 @@ class ClassForgetting(Callback):
             if shortfalls:
                 before, after, not_judged, judged_on = self._before, trained, "", "trained"
         else:
-            shortfalls = self.criterion.shortfalls(before, after)
+            shortfalls = self.criterion.shortfalls(before, after, unseen=True)
         self._fit_ended = True
         self.verdict = Verdict(
             forgotten=not not_judged and not shortfalls,

@@ -44,11 +44,18 @@ class ForgetCriterion:
     disruptive steps and comes back as training repairs them, while the accuracy on trained
     samples hardly moves.
 
+    Samples the fit did not train on (the verdict's) are judged as a test set is: they were
+    never pushed down, so ``max_unseen_forget_mass`` bounds their forgotten-class probability,
+    and their remaining-class accuracy may fall by one sample's worth (one of 9 held-back samples
+    is 0.11), since their own-class probability, a finer measure, still may fall by
+    ``max_retain_drop`` only. Measured on the robustness matrix (``bench/results/robustness``).
+
     Args:
         max_forget_acc: highest accuracy allowed on the forgotten-class samples.
         max_forget_mass: highest mean probability of the forgotten classes on their samples.
         max_retain_drop: largest allowed fall, from the start of the fit, of the remaining-class
             accuracy and of their mean own-class probability.
+        max_unseen_forget_mass: ``max_forget_mass`` for samples the fit did not train on.
 
     Raises:
         ValueError: for a value outside [0, 1].
@@ -57,28 +64,34 @@ class ForgetCriterion:
     max_forget_acc: float = 0.0
     max_forget_mass: float = 0.01
     max_retain_drop: float = 0.03
+    max_unseen_forget_mass: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("max_forget_acc", "max_forget_mass", "max_retain_drop"):
+        for name in ("max_forget_acc", "max_forget_mass", "max_retain_drop", "max_unseen_forget_mass"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
 
-    def shortfalls(self, before: Evidence, now: Evidence) -> list[str]:
-        """What is not met yet, in words; empty when forgotten."""
+    def shortfalls(self, before: Evidence, now: Evidence, unseen: bool = False) -> list[str]:
+        """What is not met yet, in words; empty when forgotten.
+
+        Args:
+            before, now: the evidence at the start of the fit and now, on the same samples.
+            unseen: whether the fit did not train on those samples.
+        """
         missing = []
         if now.forget_acc > self.max_forget_acc:
             missing.append(f"forgotten-class accuracy {now.forget_acc:.3f} > {self.max_forget_acc}")
-        if now.forget_mass > self.max_forget_mass:
-            missing.append(f"forgotten-class probability {now.forget_mass:.4f} > {self.max_forget_mass}")
-        for what, start, end in (
-            ("accuracy", before.retain_acc, now.retain_acc),
-            ("own-class probability", before.retain_confidence, now.retain_confidence),
+        max_mass = self.max_unseen_forget_mass if unseen else self.max_forget_mass
+        if now.forget_mass > max_mass:
+            missing.append(f"forgotten-class probability {now.forget_mass:.4f} > {max_mass}")
+        one_sample = 1 / now.retain_samples + 1e-9 if unseen and now.retain_samples else 0.0
+        for what, start, end, allowed in (
+            ("accuracy", before.retain_acc, now.retain_acc, max(self.max_retain_drop, one_sample)),
+            ("own-class probability", before.retain_confidence, now.retain_confidence, self.max_retain_drop),
         ):
-            if now.retain_samples and end < start - self.max_retain_drop:
-                missing.append(
-                    f"remaining-class {what} fell from {start:.3f} to {end:.3f} (more than {self.max_retain_drop})"
-                )
+            if now.retain_samples and end < start - allowed:
+                missing.append(f"remaining-class {what} fell from {start:.3f} to {end:.3f} (more than {allowed:.3g})")
         return missing
 
 
