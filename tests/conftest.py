@@ -6,6 +6,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -83,3 +84,27 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         enable_model_summary=False,
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class Trained(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def trained_net():
+    """The tiny net trained to recognise its 4 classes (module-scoped: copy it before a fit)."""
+    torch.manual_seed(TEST_SEED)
+    module = Trained()
+    quiet_trainer(max_epochs=30).fit(module, tiny_loader(n_per_class=12, seed=5))
+    return module.net

@@ -5,20 +5,11 @@ import copy
 import pytest
 import torch
 from conftest import TEST_SEED, quiet_trainer, tiny_loader
-from test_verdict import Trained
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_forget import ClassForgetting, ForgettingModule, ForgettingObjective
 from lightning_forget.plugin.relevance import eval_mode
-
-
-@pytest.fixture(scope="module")
-def trained_net():
-    torch.manual_seed(TEST_SEED)
-    module = Trained()
-    quiet_trainer(max_epochs=30).fit(module, tiny_loader(n_per_class=12, seed=5))
-    return module.net
 
 
 def _retain_acc(net, loader) -> float:

@@ -3,38 +3,13 @@
 import copy
 import logging
 
-import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TEST_SEED, quiet_trainer, tiny_loader, tiny_net
+from conftest import TEST_SEED, quiet_trainer, tiny_loader
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_forget import ClassForgetting, Evidence, ForgetCriterion, ForgettingModule
 from lightning_forget.plugin.holdout import fingerprints
-
-
-class Trained(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = tiny_net()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.01)
-
-
-@pytest.fixture(scope="module")
-def trained_net():
-    torch.manual_seed(TEST_SEED)
-    module = Trained()
-    quiet_trainer(max_epochs=30).fit(module, tiny_loader(n_per_class=12, seed=5))
-    return module.net
 
 
 def _fit(net, callback, loader, max_epochs=50, lr=0.01):
