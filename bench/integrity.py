@@ -36,15 +36,22 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from robustness import ORIGINALS, Data, OwnerModule, load_cifar, load_digits, original_model, quiet_trainer
+from robustness import (
+    ORIGINALS,
+    Data,
+    OwnerModule,
+    callback_settings,
+    load_cifar,
+    load_digits,
+    original_model,
+    quiet_trainer,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_forget import (
     ClassForgetting,
-    ForgetCriterion,
     ForgettingModule,
-    ForgettingObjective,
     ProbeSettings,
     RelearnSettings,
     evaluate_forgetting,
@@ -138,12 +145,7 @@ def forget(original: nn.Module, case: Case, data: Data, variant: dict, shots: in
     net = copy.deepcopy(original)
     few = few_shot_subset(data.train, shots, seed=seed)
     L.seed_everything(seed, verbose=False)
-    settings = dict(variant.get("callback", {}))
-    if "objective" in settings:
-        settings["objective"] = ForgettingObjective(**settings["objective"])
-    if "criterion" in settings:
-        settings["criterion"] = ForgetCriterion(**settings["criterion"])
-    callback = ClassForgetting(list(case.classes), **settings)
+    callback = ClassForgetting(list(case.classes), **callback_settings(variant.get("callback", {})))
     if variant.get("stack", "wrapper") == "wrapper":
         module: L.LightningModule = ForgettingModule(
             net, list(case.classes), data.num_classes, **variant.get("module", {})

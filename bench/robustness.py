@@ -232,6 +232,16 @@ def original_model(arch: str, data: Data, optimizer: str, epochs: int, cache: Pa
     return net, seconds
 
 
+def callback_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``ClassForgetting`` keyword arguments from JSON settings: ``objective`` and ``criterion`` as dicts of theirs."""
+    settings = dict(settings)
+    if "objective" in settings:
+        settings["objective"] = ForgettingObjective(**settings["objective"])
+    if "criterion" in settings:
+        settings["criterion"] = ForgetCriterion(**settings["criterion"])
+    return settings
+
+
 def forget_classes_for(seed: int, count: int, num_classes: int) -> list[int]:
     return sorted(torch.randperm(num_classes, generator=torch.Generator().manual_seed(1000 + seed))[:count].tolist())
 
@@ -250,11 +260,8 @@ def forget(
     net = copy.deepcopy(original)
     few = few_shot_subset(data.train, shots, seed=seed)
     L.seed_everything(seed, verbose=False)
-    criterion = {} if args.criterion_kwargs is None else {"criterion": ForgetCriterion(**args.criterion_kwargs)}
-    settings = dict(args.callback_kwargs)
-    if "objective" in settings:
-        settings["objective"] = ForgettingObjective(**settings["objective"])
-    callback = ClassForgetting(classes, **settings, **criterion)
+    criterion = {} if args.criterion_kwargs is None else {"criterion": args.criterion_kwargs}
+    callback = ClassForgetting(classes, **callback_settings({**args.callback_kwargs, **criterion}))
     if stack == "wrapper":
         module: L.LightningModule = ForgettingModule(net, classes, data.num_classes, **args.module_kwargs)
     else:
