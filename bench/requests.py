@@ -37,18 +37,15 @@ from lightning_forget import (
     forgotten_before,
     write_record,
 )
+from lightning_forget.evaluation.metrics import predict_logits
 from lightning_forget.plugin.record import RecordMismatch
 
 
 @torch.no_grad()
 def per_class_accuracy(net: torch.nn.Module, dataset: Dataset, num_classes: int) -> list[float]:
-    net.eval()
-    correct, total = torch.zeros(num_classes), torch.zeros(num_classes)
-    for x, y in DataLoader(dataset, batch_size=512):
-        hit = net(x).argmax(-1) == y
-        total += torch.bincount(y, minlength=num_classes)
-        correct += torch.bincount(y[hit], minlength=num_classes)
-    return (correct / total).tolist()
+    logits, targets = predict_logits(net, dataset, batch_size=512)
+    hit = logits.argmax(-1) == targets
+    return [float(hit[targets == c].float().mean()) for c in range(num_classes)]
 
 
 def main() -> None:
