@@ -282,6 +282,7 @@ def forget(
         "verdict_forgotten": None if verdict is None else verdict.forgotten,
         "verdict_judged": None if verdict is None else verdict.judged,
         "verdict_shortfalls": [] if verdict is None else list(verdict.shortfalls),
+        "impair_trials": callback.impair_trials,
     }
 
 

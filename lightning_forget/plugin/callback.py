@@ -169,7 +169,8 @@ class ClassForgetting(Callback):
             fit-start snapshot, so the classes do not stay dormant in the weights and come back
             after a few fine-tuning steps. Entries outside the masks are never touched. Only with
             an ``objective``: with ``objective=None`` nothing would repair the damage. The share
-            used is in :attr:`impaired`.
+            used is in :attr:`impaired`; each share tried, with the remaining classes' accuracy on the
+            samples after it, in :attr:`impair_trials`.
         impair_keep: the share of the remaining classes' accuracy on the samples that must survive
             the impair: ``impair`` is halved (up to 4 times, else no impair) until it does, so that
             the few shots can repair what was damaged.
@@ -252,6 +253,7 @@ class ClassForgetting(Callback):
             raise ValueError(f"impair_keep must be a number in [0, 1], got {impair_keep!r}.")
         self.impair_keep = impair_keep
         self.impaired = 0.0
+        self.impair_trials: list[tuple[float, float]] = []
         if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
             raise ValueError(f"holdout must be an integer >= 0, got {holdout!r}.")
         self.holdout = holdout
@@ -514,10 +516,12 @@ class ClassForgetting(Callback):
         """
         assert self._before is not None
         floor = self.impair_keep * self._before.retain_acc
-        shrink = self.impair
+        shrink, self.impair_trials = self.impair, []
         for _ in range(_IMPAIR_HALVINGS + 1):
             _impair(params, self._masks, shrink)
-            if self._measure(trainer, pl_module, forward).retain_acc >= floor:
+            kept = self._measure(trainer, pl_module, forward).retain_acc
+            self.impair_trials.append((shrink, kept))
+            if kept >= floor:
                 return shrink
             _put_back_selected(params, self._masks, self._teacher)
             shrink /= 2
@@ -716,9 +720,11 @@ class ClassForgetting(Callback):
         ]
         lines += [f"  {r['name']}: {r['selected']:,} / {r['total']:,}" for r in rows if r["selected"]]
         if self.impair and self.objective is not None:
-            lines.append(
-                f"  shrunk by {self.impaired:g} at fit start (impair={self.impair:g}, impair_keep={self.impair_keep:g})"
-            )
+            line = f"  shrunk by {self.impaired:g} at fit start (impair={self.impair:g}, keep={self.impair_keep:g}"
+            if self.impair_trials and self._before is not None:
+                tried = ", ".join(f"{share:g}: {kept:.3f}" for share, kept in self.impair_trials)
+                line += f"; remaining-class sample accuracy {self._before.retain_acc:.3f}, after each share: {tried}"
+            lines.append(line + ")")
         return "\n".join(lines)
 
     def _check_same_on_all_ranks(self, trainer: pl.Trainer) -> None:
