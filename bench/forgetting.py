@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 import warnings
@@ -47,19 +49,38 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
+from tuning import TUNABLE, accuracies, grids, tune, validation_split
 
 from lightning_forget import ProbeSettings, RelearnSettings, dataset_labels, evaluate_forgetting, few_shot_subset
 from lightning_forget.app.cache import ModelCache
 from lightning_forget.app.data import ClassificationData
 from lightning_forget.app.models import ARCHITECTURES, build_model
-from lightning_forget.app.pipeline import compare, obtain_original
+from lightning_forget.app.pipeline import Comparison, compare, obtain_original
 from lightning_forget.app.report import sweep_summary, verdict_line
+from lightning_forget.evaluation.evidence import add_anamnesis_index
 from lightning_forget.methods import ForgettingMethod, ForgettingTask, Recipe
 from lightning_forget.plugin.classes import resolve_classes
 from lightning_forget.plugin.module import OPTIMIZERS, SCHEDULERS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+TIME_PARTS = (
+    "original (trained or loaded)",
+    "methods and retraining (trained or loaded)",
+    "tuning grid",
+    "evaluation",
+)
+# The headline table's figures and which way is better (+1: higher, -1: lower); the reference rows are not ranked.
+HEADLINE = {
+    "forget_acc": -1,
+    "retain_acc": 1,
+    "mia": -1,
+    "probe_forget_acc": -1,
+    "anamnesis_index": 1,
+    "retain_attack_acc": -1,
+    "speedup": 1,
+}
+REFERENCES = ("original", "retrain")
 DEFAULT_METHODS = [
     "relevance",
     "retrain",
@@ -102,6 +123,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_METHODS,
         help=f"NAME or NAME:KEY=VALUE[:KEY=VALUE...], NAME one of {METHODS}; the first is the method under test",
     )
+    parser.add_argument(
+        "--tune-per-class",
+        type=int,
+        default=100,
+        help="validation images per class, outside the training subset, that every peer's grid is scored on "
+        "(0: published settings only)",
+    )
     evidence = parser.add_argument_group("integrity evidence")
     evidence.add_argument("--probe-per-class", type=int, default=50, help="linear-probe images per class (0: off)")
     evidence.add_argument("--relearn-per-class", type=int, default=20, help="relearn images per class (0: off)")
@@ -109,7 +137,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     evidence.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="data, training, eval")
     parser.add_argument("--precision", default="32-true", help="Lightning Trainer precision, e.g. bf16-mixed")
-    parser.add_argument("--channels-last", action="store_true", help="models in channels_last memory format")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="models in channels_last memory format (1.5x faster convolutions on this 2-core CPU, and on GPUs)",
+    )
     parser.add_argument("--cache-dir", default="~/.cache/lightning-forget/models", help="trained models kept here")
     parser.add_argument(
         "--budget-minutes", type=float, help="start no further seed when the slowest seed so far would overrun this"
@@ -120,6 +153,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [spec for spec in args.methods if spec.split(":")[0] not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}: choose among {METHODS}")
+    if args.tune_per_class < 0:
+        parser.error(f"--tune-per-class must be >= 0, got {args.tune_per_class}")
+    if args.tune_per_class and "retrain" not in args.methods and set(args.methods) & set(TUNABLE):
+        parser.error("the peers are tuned toward retraining: add retrain to --methods, or pass --tune-per-class 0")
     args.scheduler = None if args.scheduler == "none" else args.scheduler
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,6 +167,11 @@ def composed(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """``conf/<name>.yaml`` as the app composes it (``name`` is e.g. ``method/ssd``), with ``overrides``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
+
+
+def load_method(spec: str) -> ForgettingMethod:
+    """The method of one ``NAME[:KEY=VALUE...]`` spec."""
+    return load_methods([spec])[0][spec]
 
 
 def load_methods(specs: Sequence[str]) -> tuple[dict[str, ForgettingMethod], dict[str, Any]]:
@@ -211,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_data(args)
     test = few_shot_subset(data.test, args.test_per_class) if args.test_per_class else data.test
     forget_settings = [resolve_classes(spec.split(","), data.class_names) for spec in args.forget]
+    peers = [name for name in args.methods if name in TUNABLE] if args.tune_per_class else []
+    # Drawn before any training, so that a folder with no images to spare stops the run at once.
+    validation = validation_split(data, args.tune_per_class, seed=0) if peers else None
     make_model = model_factory(args.arch, data.num_classes, data.in_channels, args.channels_last)
     make_trainer = trainer_factory(args)
     recipe = Recipe(
@@ -221,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         weight_decay=args.weight_decay,
         scheduler=args.scheduler,
     )
+    grid = {peer: points for peer, points in grids(composed("method/relevance").method.recipe).items() if peer in peers}
     cache = ModelCache(args.cache_dir)
     meta = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -228,10 +274,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "train_images": len(data.train),
         "test_images": len(test),
+        "validation_images": len(validation) if validation is not None else 0,
         "recipe": asdict(recipe),
         "methods": settings,
+        "grids": grid,
         "seeds_asked": args.seeds,
+        "time_spent": dict.fromkeys(TIME_PARTS, 0.0),
     }
+    spent = meta["time_spent"]
     reports: list[dict[str, Any]] = []
     slowest = 0.0
     for seed in args.seeds:
@@ -248,26 +298,46 @@ def main(argv: Sequence[str] | None = None) -> None:
             "trainer": {"device": args.device, "precision": args.precision, "channels_last": args.channels_last},
         }
         L.seed_everything(seed, verbose=False)
+        clock = time.perf_counter()
         original, seconds = obtain_original(
             make_model, data.train, data.num_classes, recipe, make_trainer, cache, key, prefix=f"original-{args.arch}"
         )
+        spent["original (trained or loaded)"] += time.perf_counter() - clock
         original.to(args.device)  # training-free methods and scoring run where the model is
         for forget in forget_settings:
             for shots in args.shots:
                 few_shot = few_shot_subset(data.train, shots, seed=seed)
                 task = ForgettingTask(original, make_model, data.train, few_shot, forget, data.num_classes, recipe)
+                evaluate = timed(evaluator(args, data, test, task, seed), spent, "evaluation")
+                clock, evaluated = time.perf_counter(), spent["evaluation"]
                 comparison = compare(
                     task,
                     methods,
                     lambda name: make_trainer,
-                    evaluator(args, data, test, task, seed),
+                    evaluate,
                     seed=seed,
                     original_seconds=seconds,
                     cache=cache,
                     cache_key=key,
                 )
                 assert comparison is not None  # one process: no DDP rank is left out
+                spent["methods and retraining (trained or loaded)"] += (
+                    time.perf_counter() - clock - (spent["evaluation"] - evaluated)
+                )
                 report = comparison.report | {"class_names": data.class_names}
+                if peers:
+                    report["tuning"] = add_tuned_rows(
+                        report["models"],
+                        comparison,
+                        grid,
+                        task,
+                        make_trainer,
+                        validation,
+                        evaluate,
+                        seed=seed,
+                        device=args.device,
+                        spent=spent,
+                    )
                 report["setting"] = {"forget": _label(forget, data.class_names), "shots": shots, "seed": seed}
                 report["original_test_acc"] = _overall_accuracy(report["models"]["original"], test)
                 _add_speedups(report["models"])
@@ -277,6 +347,53 @@ def main(argv: Sequence[str] | None = None) -> None:
                 log.info("\n%s", sweep_summary([report], keys=("forget", "shots", "seed")))
         slowest = max(slowest, time.perf_counter() - seed_start)
     print(render(meta, reports))
+
+
+def add_tuned_rows(
+    models: dict[str, dict[str, Any]],
+    comparison: Comparison,
+    grid: dict[str, list[str]],
+    task: ForgettingTask,
+    make_trainer: Callable[..., L.Trainer],
+    validation: Dataset,
+    evaluate: Callable[[nn.Module], dict[str, Any]],
+    *,
+    seed: int,
+    device: str,
+    spent: dict[str, float],
+) -> dict[str, Any]:
+    """Every peer of ``grid`` at its point closest to retraining on ``validation``, as a ``<peer>_tuned`` row.
+
+    Returns:
+        The search of every peer (see :func:`tuning.tune`) and retrain's validation figures it aimed at.
+    """
+    retrained = comparison.outcomes["retrain"].model
+    target = accuracies(retrained, validation, task.forgotten_so_far, task.num_classes, device)
+    records: dict[str, Any] = {"retrain_validation": target}
+    for peer, points in grid.items():
+        clock = time.perf_counter()
+        outcome, records[peer] = tune(
+            peer, points, load_method, task, make_trainer, validation, target, seed=seed, device=device
+        )
+        spent["tuning grid"] += time.perf_counter() - clock
+        row = {**evaluate(outcome.model), "seconds": outcome.seconds, "samples": outcome.samples, "data": outcome.data}
+        if "relearn_steps" in models["retrain"]:
+            add_anamnesis_index(row, models["retrain"])
+        models[f"{peer}_tuned"] = row
+    return records
+
+
+def timed(function: Callable[..., Any], spent: dict[str, float], part: str) -> Callable[..., Any]:
+    """``function``, adding the seconds of every call to ``spent[part]``."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        clock = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[part] += time.perf_counter() - clock
+
+    return run
 
 
 def _overall_accuracy(figures: dict[str, Any], test: Dataset) -> float:
@@ -307,6 +424,88 @@ def write_results(out: Path, meta: dict[str, Any], reports: list[dict[str, Any]]
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(out / name)
+    plot_tradeoff(reports, out / "tradeoff.png")
+
+
+def _stats(reports: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
+    """Setting label to row name to figure to (mean, std, runs), over seeds; figures not measured left out."""
+    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in reports:
+        setting = f"{r['setting']['forget']}, {r['setting']['shots']} shots"
+        for name, figures in r["models"].items():
+            for column in HEADLINE:
+                value = figures.get(column)
+                if isinstance(value, (int, float)) and not math.isnan(value):
+                    values.setdefault(setting, {}).setdefault(name, {}).setdefault(column, []).append(float(value))
+    return {
+        setting: {
+            name: {c: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for c, v in cols.items()}
+            for name, cols in rows.items()
+        }
+        for setting, rows in values.items()
+    }
+
+
+def headline(reports: list[dict[str, Any]]) -> str:
+    """Mean ± std of the headline figures; in each column the best method row in bold, only where its lead over
+    the next row is larger than both rows' standard deviations (the reference rows are not ranked)."""
+    lines = ["| setting | model | " + " | ".join(HEADLINE) + " |", "|---|---|" + "---:|" * len(HEADLINE)]
+    for setting, rows in _stats(reports).items():
+        bold = set()
+        for column, sign in HEADLINE.items():
+            ranked = sorted(
+                (name for name, cols in rows.items() if name not in REFERENCES and column in cols),
+                key=lambda name: -sign * rows[name][column][0],
+            )
+            if len(ranked) > 1:
+                (best, best_std, _), (second, second_std, _) = rows[ranked[0]][column], rows[ranked[1]][column]
+                if abs(best - second) > max(best_std, second_std):
+                    bold.add((ranked[0], column))
+        for name, cols in rows.items():
+            cells = []
+            for column in HEADLINE:
+                if column not in cols:
+                    cells.append("-")
+                    continue
+                mean, std, runs = cols[column]
+                fmt = ".1f" if column == "speedup" else ".3f"
+                text = f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if runs > 1 else "")
+                cells.append(f"**{text}**" if (name, column) in bold else text)
+            lines.append(f"| {setting} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(reports: list[dict[str, Any]], path: Path) -> None:
+    """Remaining-class accuracy against relearn resistance and against the probe, every row, mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = _stats(reports)
+    if not stats:
+        return
+    axes_of = (
+        ("anamnesis_index", "Anamnesis Index (relearn steps / retrain's; higher resists)"),
+        ("probe_forget_acc", "linear-probe accuracy on the forgotten classes (lower: removed)"),
+    )
+    fig, axes = plt.subplots(len(stats), 2, figsize=(13, 5.2 * len(stats)), squeeze=False)
+    for row_axes, (setting, rows) in zip(axes, stats.items(), strict=True):
+        for ax, (column, label) in zip(row_axes, axes_of, strict=True):
+            for name, cols in rows.items():
+                if column not in cols or "retain_acc" not in cols:
+                    continue
+                (x, dx, _), (y, dy, _) = cols["retain_acc"], cols[column]
+                style = {"marker": "*", "markersize": 14, "color": "black"} if name == "retrain" else {"marker": "o"}
+                ax.errorbar(x, y, xerr=dx, yerr=dy, capsize=2, **style)
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+            ax.set_xlabel("test accuracy on the remaining classes")
+            ax.set_ylabel(label)
+            ax.set_title(f"forget {setting} (star: retrain)")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def render(meta: dict[str, Any], reports: list[dict[str, Any]]) -> str:
@@ -329,9 +528,22 @@ def render(meta: dict[str, Any], reports: list[dict[str, Any]]) -> str:
         "",
         f"Original and retraining recipe: {recipe}. Originals: {trained}.",
         "",
+        "Where the time went: "
+        + ", ".join(f"{part} {seconds / 60:.1f} min" for part, seconds in meta["time_spent"].items())
+        + ".",
+        "",
         "Every row comes from the same original and data; `seconds` is the wall time of producing the model "
         "(scoring included; for the original and retrain: training), `speedup` is retrain's seconds over the "
-        "row's, measured in the same run, `samples` the training samples the method used, `data` its regime.",
+        "row's, measured in the same run, `samples` the training samples the method used, `data` its regime. "
+        "A `_tuned` row is the peer at the point of its grid closest to retraining on "
+        f"{meta['validation_images']} validation images that no model trained on (`bench/tuning.py`); its "
+        "`seconds` are the chosen point's run, the search's cost is in the tuning table.",
+        "",
+        "## Headline (mean ± std over seeds; bold: best method row, ahead of the next by more than both stds)",
+        "",
+        headline(reports),
+        *tuning_table(reports),
+        "## Every figure",
         "",
         sweep_summary(reports, keys=("forget", "shots")),
         f"Verdicts of {reports[0]['method']} against retraining:" if reports else "No comparison finished.",
@@ -343,6 +555,33 @@ def render(meta: dict[str, Any], reports: list[dict[str, Any]]) -> str:
             + verdict_line(r)
         )
     return "\n".join(lines) + "\n"
+
+
+def tuning_table(reports: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: every tuned peer's grid and its choice per (setting, seed), with the search's seconds."""
+    searched = [r for r in reports if r.get("tuning")]
+    if not searched:
+        return []
+    lines = [
+        "## Tuning (validation split; gap: |forget - retrain's| + |retain - retrain's|)",
+        "",
+        "| setting | seed | peer | chosen | gap | grid (point: forget/retain, gap) | search s |",
+        "|---|---:|---|---|---:|---|---:|",
+    ]
+    for r in searched:
+        for peer, record in r["tuning"].items():
+            if peer == "retrain_validation":
+                continue
+            chosen = next(row for row in record["grid"] if row["point"] == record["chosen"])
+            grid = "; ".join(
+                f"{row['point']}: {row['forget_acc']:.2f}/{row['retain_acc']:.2f}, {row['gap']:.2f}"
+                for row in record["grid"]
+            )
+            lines.append(
+                f"| {r['setting']['forget']} | {r['setting']['seed']} | {peer} | {record['chosen']} | "
+                f"{chosen['gap']:.3f} | {grid} | {record['seconds']:.0f} |"
+            )
+    return [*lines, ""]
 
 
 def _machine() -> str:

@@ -359,6 +359,10 @@ def test_evaluate_forgetting_adds_the_evidence_and_keeps_its_figures(data, train
     assert {k: full[k] for k in plain} == plain
     assert full["forget_acc"] == 0.0
     bound("evidence/evaluate_probe_of_suppressed", full["probe_forget_acc"], ">", 0.9)
+    # The probe's test features come from the accuracy's own forward pass: the same figures as the probe alone.
+    probe_set = draw_per_class(data.train_eval, 5, exclude=few_shot.indices)
+    alone = linear_probe(suppressed, probe_set, data.test, FORGET, 10)
+    assert {k: full[k] for k in alone} == alone
     assert full["relearn_target"] == pytest.approx(_forget_acc(trained, data.test) / 2)
     assert full["relearn_steps"] is not None
     bound("evidence/evaluate_relearn_acc_2", full["relearn_acc_2"], ">", 0.3)  # 0.51-1.0 over seeds 0-4

@@ -142,15 +142,39 @@ def penultimate_features(
         ValueError: if the final layer cannot be found (see :func:`final_linear`).
         RuntimeError: if the layer does not run exactly once per forward pass.
     """
+    features, _, targets = features_and_logits(
+        model, dataset, num_classes, layer=layer, batch_size=batch_size, device=device
+    )
+    return features, targets
+
+
+def features_and_logits(
+    model: nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    *,
+    layer: str | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    desc: str = "",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`penultimate_features` and the logits of the same forward passes: one pass serves the probe and accuracy.
+
+    Returns:
+        Features ``(N, D)`` (float32), logits ``(N, C)`` and targets ``(N,)``, on CPU.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`penultimate_features`.
+    """
     name, linear = final_linear(model, num_classes, layer)
     with captured_inputs(linear) as captured:
-        logits, targets = predict_logits(model, dataset, batch_size, device)
+        logits, targets = predict_logits(model, dataset, batch_size, device, desc=desc)
     if sum(len(c) for c in captured) != len(logits):
         raise RuntimeError(
             f"Layer {name!r} saw {sum(len(c) for c in captured)} samples for {len(logits)} model outputs: it is not "
             "called exactly once per forward pass, so its input is not the penultimate feature; name another layer."
         )
-    return torch.cat(captured).float().cpu(), targets
+    return torch.cat(captured).float().cpu(), logits, targets
 
 
 def draw_per_class(dataset: Dataset, per_class: int, seed: int = 0, exclude: Sequence[int] = ()) -> Subset:
@@ -199,6 +223,7 @@ def linear_probe(
     C: float = 1.0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    test_features: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
     """Accuracy of a linear probe on ``model``'s frozen penultimate features.
 
@@ -220,6 +245,8 @@ def linear_probe(
         C: inverse regularisation strength.
         batch_size: samples per forward pass.
         device: where to run the model.
+        test_features: the features and targets of ``test`` from :func:`features_and_logits`, when a forward
+            pass over it already ran (:func:`evaluate_forgetting <lightning_forget.evaluate_forgetting>`).
 
     Returns:
         ``probe_forget_acc`` and ``probe_retain_acc``: micro accuracies over the test samples of
@@ -247,7 +274,7 @@ def linear_probe(
         penultimate_features, model, num_classes=num_classes, layer=layer, batch_size=batch_size, device=device
     )
     x_train, y_train = features(train)
-    x_test, y_test = features(test)
+    x_test, y_test = features(test) if test_features is None else test_features
     check_finite(torch.cat([x_train, x_test]), "penultimate features")
     # lbfgs is deterministic; standardising makes it converge in a few hundred iterations.
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
@@ -587,6 +614,7 @@ def integrity_evidence(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    test_features: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
     """The probe, relearn and weight-distance figures of ``model``, as :func:`evaluate_forgetting` adds them.
 
@@ -606,6 +634,7 @@ def integrity_evidence(
         batch_size: evaluation batch size.
         device: where to run the models.
         progress: show the relearn progress bar.
+        test_features: the probe's features of ``test``, when already computed (see :func:`linear_probe`).
 
     Returns:
         The figures asked for; one that cannot be measured (:class:`NotMeasured`: a relearn target of 0, a
@@ -641,6 +670,7 @@ def integrity_evidence(
                 C=probe.C,
                 batch_size=batch_size,
                 device=device,
+                test_features=test_features,
             ),
         )
     if relearn_settings is not None and relearn_train is not None:

@@ -13,6 +13,7 @@ from lightning_forget.evaluation.evidence import (
     ProbeSettings,
     RelearnSettings,
     check_evidence_settings,
+    features_and_logits,
     integrity_evidence,
 )
 from lightning_forget.evaluation.measurable import NotMeasured, add_figures, unmeasured
@@ -80,9 +81,15 @@ def evaluate_forgetting(
     if max_members is not None and max_members < 1:
         raise ValueError(f"max_members must be >= 1 or None, got {max_members}.")
     check_evidence_settings(probe, relearn, original)
-    test_logits, test_targets = predict_logits(
-        model, test, batch_size, device, desc="Evaluating on test" if progress else ""
-    )
+    desc = "Evaluating on test" if progress else ""
+    test_features = None
+    if probe is None:
+        test_logits, test_targets = predict_logits(model, test, batch_size, device, desc=desc)
+    else:  # one forward pass over the test set gives the probe's features too
+        features, test_logits, test_targets = features_and_logits(
+            model, test, num_classes, layer=probe.layer, batch_size=batch_size, device=device, desc=desc
+        )
+        test_features = (features, test_targets)
     train_targets = dataset_labels(train)
     is_forget_train = torch.isin(train_targets, forgotten)
     retain_idx = (~is_forget_train).nonzero().squeeze(1)
@@ -127,6 +134,7 @@ def evaluate_forgetting(
         batch_size=batch_size,
         device=device,
         progress=progress,
+        test_features=test_features,
     )
     add_figures(figures, evidence)
     return figures
