@@ -37,7 +37,7 @@ mkdir -p "$out"
 python3 -c 'import torch; print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
 status=0
 python3 bench/forgetting.py --root "$data" --out "$out" \
-    --arch resnet18 --train-per-class 0 --test-per-class 0 \
+    --arch resnet18 --train-per-class 4900 --test-per-class 0 \
     --epochs 20 --batch-size 512 --optimizer sgd --lr 0.4 --weight-decay 5e-4 --scheduler onecycle \
     --device cuda --precision bf16-mixed --channels-last --eval-batch-size 1024 \
     --seeds 0 1 2 --budget-minutes 6 --forget 1 0,8 --shots 10 \

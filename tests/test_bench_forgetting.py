@@ -1,0 +1,119 @@
+"""bench/forgetting.py and bench/tuning.py: peers tuned on images no model trains on, and a table that only
+marks a lead larger than the spread over seeds."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import forgetting
+        import tuning
+
+        yield forgetting, tuning
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory) -> Path:
+    """The scikit-learn digits as 16x16 RGB images in ImageFolder layout: 24 training and 6 test images a class."""
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    counts: dict[tuple[str, int], int] = {}
+    for image, label in zip(digits.images, digits.target, strict=True):
+        split = "train" if counts.get(("train", label), 0) < 24 else "test"
+        if counts.get((split, label), 0) >= (24 if split == "train" else 6):
+            continue
+        counts[split, label] = counts.get((split, label), 0) + 1
+        folder = root / split / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.repeat((image * 255 / 16).astype(np.uint8)[..., None], 3, axis=2)
+        Image.fromarray(pixels).resize((16, 16)).save(folder / f"{counts[split, label]}.png")
+    return root
+
+
+def _args(root: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--root", str(root), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "models"),
+        "--train-per-class", "16", "--tune-per-class", "4", "--epochs", "1", "--seeds", "0", "--forget", "1",
+        "--probe-per-class", "2", "--relearn-per-class", "2", "--relearn-epochs", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_the_validation_split_holds_training_images_that_no_model_trains_on(bench, digit_folder, tmp_path):
+    forgetting, tuning = bench
+    args = forgetting.parse_args(_args(digit_folder, tmp_path))
+    data = forgetting.load_data(args)
+    validation = tuning.validation_split(data, 4, seed=0)
+    assert validation.dataset is data.train_eval.dataset  # the training folder, never the test set
+    assert not set(validation.indices) & set(data.train_eval.indices)
+    labels = [int(validation.dataset[i][1]) for i in validation.indices]
+    assert sorted(labels) == sorted(list(range(10)) * 4)
+
+    everything = forgetting.load_data(forgetting.parse_args(_args(digit_folder, tmp_path, "--train-per-class", "0")))
+    with pytest.raises(ValueError, match="--tune-per-class 0"):
+        tuning.validation_split(everything, 4, seed=0)
+
+
+def test_every_peer_gets_a_tuned_row_at_its_grid_point_closest_to_retraining(bench, digit_folder, tmp_path):
+    forgetting, _ = bench
+    forgetting.main(_args(digit_folder, tmp_path, "--methods", "relevance", "retrain", "delete", "ssd"))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (report,) = results["reports"]
+    assert {"delete_tuned", "ssd_tuned"} <= set(report["models"])
+    assert report["models"]["delete_tuned"]["retain_acc"] is not None
+    target = report["tuning"]["retrain_validation"]
+    for peer in ("delete", "ssd"):
+        search = report["tuning"][peer]
+        assert [row["point"] for row in search["grid"]] == results["meta"]["grids"][peer]
+        for row in search["grid"]:
+            gap = abs(row["forget_acc"] - target["forget_acc"]) + abs(row["retain_acc"] - target["retain_acc"])
+            assert row["gap"] == pytest.approx(gap)
+        assert search["chosen"] == min(search["grid"], key=lambda row: row["gap"])["point"]
+    assert results["meta"]["validation_images"] == 40
+    assert set(results["meta"]["time_spent"]) == set(forgetting.TIME_PARTS)
+    assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 0
+    assert "delete_tuned" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_peers_without_retraining_to_aim_at_are_refused_before_any_work(bench, digit_folder, tmp_path):
+    forgetting, _ = bench
+    with pytest.raises(SystemExit):
+        forgetting.parse_args(_args(digit_folder, tmp_path, "--methods", "relevance", "delete"))
+    assert not (tmp_path / "out").exists()
+
+
+def _report(seed: int, rows: dict[str, dict[str, float]]) -> dict:
+    return {"setting": {"forget": "1 (a)", "shots": 10, "seed": seed}, "models": rows}
+
+
+def test_a_row_is_bold_only_where_it_leads_the_next_by_more_than_both_stds(bench):
+    forgetting, _ = bench
+    # retain_acc: ours 0.60 ± 0.01 against 0.50 ± 0.01 (a clear lead); probe: 0.50 ± 0.10 against 0.55 ± 0.01.
+    reports = [
+        _report(
+            seed,
+            {
+                "retrain": {"retain_acc": 0.9, "probe_forget_acc": 0.1},  # a reference: never ranked
+                "ours": {"retain_acc": 0.60 + d, "probe_forget_acc": 0.50 + 10 * d},
+                "peer": {"retain_acc": 0.50 + d, "probe_forget_acc": 0.55 + d},
+            },
+        )
+        for seed, d in enumerate((-0.01, 0.0, 0.01))
+    ]
+    table = forgetting.headline(reports)
+    ours = next(line for line in table.splitlines() if "| ours |" in line)
+    peer = next(line for line in table.splitlines() if "| peer |" in line)
+    assert "**0.600 ± 0.010**" in ours
+    assert "**" not in peer and "0.500 ± 0.100" in ours  # a lead of 0.05 inside a std of 0.10
