@@ -40,7 +40,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -60,7 +60,7 @@ from lightning_forget.app.cache import ModelCache
 from lightning_forget.app.data import ClassificationData
 from lightning_forget.app.models import ARCHITECTURES, build_model
 from lightning_forget.app.pipeline import Comparison, compare, obtain_original
-from lightning_forget.app.report import sweep_summary, verdict_line
+from lightning_forget.app.report import COLUMNS, sweep_summary, verdict_line
 from lightning_forget.evaluation.evidence import add_anamnesis_index
 from lightning_forget.methods import ForgettingMethod, ForgettingTask, Recipe
 from lightning_forget.plugin.classes import resolve_classes
@@ -80,6 +80,7 @@ HEADLINE = {
     "retain_acc": 1,
     "mia": -1,
     "probe_forget_acc": -1,
+    "relearn_steps": 1,
     "anamnesis_index": 1,
     "retain_attack_acc": -1,
     "speedup": 1,
@@ -383,7 +384,20 @@ def add_tuned_rows(
         if "relearn_steps" in models["retrain"]:
             add_anamnesis_index(row, models["retrain"])
         models[f"{peer}_tuned"] = row
+    side_by_side(models)
     return records
+
+
+def side_by_side(models: dict[str, dict[str, Any]]) -> None:
+    """Reorder ``models`` in place so that every ``<peer>_tuned`` row follows its published ``<peer>`` row."""
+    ordered: dict[str, dict[str, Any]] = {}
+    for name, row in models.items():
+        if not name.endswith("_tuned") or name.removesuffix("_tuned") not in models:
+            ordered[name] = row
+            if f"{name}_tuned" in models:
+                ordered[f"{name}_tuned"] = models[f"{name}_tuned"]
+    models.clear()
+    models.update(ordered)
 
 
 def timed(function: Callable[..., Any], spent: dict[str, float], part: str) -> Callable[..., Any]:
@@ -430,23 +444,42 @@ def write_results(out: Path, meta: dict[str, Any], reports: list[dict[str, Any]]
     plot_tradeoff(reports, out / "tradeoff.png")
 
 
-def _stats(reports: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
-    """Setting label to row name to figure to (mean, std, runs), over seeds; figures not measured left out."""
-    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+def _stats(reports: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Stat]]]:
+    """Setting label to row name to figure to its :class:`Stat` over seeds; figures not measured left out.
+
+    A relearn that never reached its target counts as the budget of steps: a lower bound (``Stat.censored``).
+    """
+    values: dict[str, dict[str, dict[str, list[tuple[float, bool]]]]] = {}
     for r in reports:
         setting = f"{r['setting']['forget']}, {r['setting']['shots']} shots"
         for name, figures in r["models"].items():
             for column in HEADLINE:
-                value = figures.get(column)
+                value, censored = figures.get(column), False
+                if column == "relearn_steps" and value is None and figures.get("relearn_budget"):
+                    value, censored = figures["relearn_budget"], True
                 if isinstance(value, (int, float)) and not math.isnan(value):
-                    values.setdefault(setting, {}).setdefault(name, {}).setdefault(column, []).append(float(value))
+                    cell = values.setdefault(setting, {}).setdefault(name, {}).setdefault(column, [])
+                    cell.append((float(value), censored))
     return {
-        setting: {
-            name: {c: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for c, v in cols.items()}
-            for name, cols in rows.items()
-        }
+        setting: {name: {c: Stat.of(v) for c, v in cols.items()} for name, cols in rows.items()}
         for setting, rows in values.items()
     }
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A figure over seeds: mean, standard deviation (0 for one seed), runs, and whether a run hit a bound."""
+
+    mean: float
+    std: float
+    runs: int
+    censored: bool
+
+    @staticmethod
+    def of(values: list[tuple[float, bool]]) -> Stat:
+        numbers = [v for v, _ in values]
+        spread = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+        return Stat(statistics.mean(numbers), spread, len(numbers), any(c for _, c in values))
 
 
 def headline(reports: list[dict[str, Any]]) -> str:
@@ -458,11 +491,11 @@ def headline(reports: list[dict[str, Any]]) -> str:
         for column, sign in HEADLINE.items():
             ranked = sorted(
                 (name for name, cols in rows.items() if name not in REFERENCES and column in cols),
-                key=lambda name: -sign * rows[name][column][0],
+                key=lambda name: -sign * rows[name][column].mean,
             )
             if len(ranked) > 1:
-                (best, best_std, _), (second, second_std, _) = rows[ranked[0]][column], rows[ranked[1]][column]
-                if abs(best - second) > max(best_std, second_std):
+                best, second = rows[ranked[0]][column], rows[ranked[1]][column]
+                if abs(best.mean - second.mean) > max(best.std, second.std):
                     bold.add((ranked[0], column))
         for name, cols in rows.items():
             cells = []
@@ -470,9 +503,13 @@ def headline(reports: list[dict[str, Any]]) -> str:
                 if column not in cols:
                     cells.append("-")
                     continue
-                mean, std, runs = cols[column]
-                fmt = ".1f" if column == "speedup" else ".3f"
-                text = f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if runs > 1 else "")
+                stat = cols[column]
+                fmt = {".4f": ".3f", "d": ".1f"}.get(COLUMNS[column], COLUMNS[column])
+                text = (
+                    ("≥ " if stat.censored else "")
+                    + f"{stat.mean:{fmt}}"
+                    + (f" ± {stat.std:{fmt}}" if stat.runs > 1 else "")
+                )
                 cells.append(f"**{text}**" if (name, column) in bold else text)
             lines.append(f"| {setting} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -489,7 +526,7 @@ def plot_tradeoff(reports: list[dict[str, Any]], path: Path) -> None:
     if not stats:
         return
     axes_of = (
-        ("anamnesis_index", "Anamnesis Index (relearn steps / retrain's; higher resists)"),
+        ("relearn_steps", "steps to relearn half the original's accuracy (never: the budget; higher resists)"),
         ("probe_forget_acc", "linear-probe accuracy on the forgotten classes (lower: removed)"),
     )
     fig, axes = plt.subplots(len(stats), 2, figsize=(13, 5.2 * len(stats)), squeeze=False)
@@ -498,10 +535,10 @@ def plot_tradeoff(reports: list[dict[str, Any]], path: Path) -> None:
             for name, cols in rows.items():
                 if column not in cols or "retain_acc" not in cols:
                     continue
-                (x, dx, _), (y, dy, _) = cols["retain_acc"], cols[column]
+                x, y = cols["retain_acc"], cols[column]
                 style = {"marker": "*", "markersize": 14, "color": "black"} if name == "retrain" else {"marker": "o"}
-                ax.errorbar(x, y, xerr=dx, yerr=dy, capsize=2, **style)
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+                ax.errorbar(x.mean, y.mean, xerr=x.std, yerr=y.std, capsize=2, **style)
+                ax.annotate(name, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize="small")
             ax.set_xlabel("test accuracy on the remaining classes")
             ax.set_ylabel(label)
             ax.set_title(f"forget {setting} (star: retrain)")

@@ -71,7 +71,9 @@ def test_every_peer_gets_a_tuned_row_at_its_grid_point_closest_to_retraining(ben
     forgetting.main(_args(digit_folder, tmp_path, "--methods", "relevance", "retrain", "delete", "ssd"))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     (report,) = results["reports"]
-    assert {"delete_tuned", "ssd_tuned"} <= set(report["models"])
+    names = list(report["models"])
+    for peer in ("delete", "ssd"):  # published and tuned side by side
+        assert names.index(f"{peer}_tuned") == names.index(peer) + 1
     assert report["models"]["delete_tuned"]["retain_acc"] is not None
     target = report["tuning"]["retrain_validation"]
     for peer in ("delete", "ssd"):
@@ -106,8 +108,13 @@ def test_a_row_is_bold_only_where_it_leads_the_next_by_more_than_both_stds(bench
             seed,
             {
                 "retrain": {"retain_acc": 0.9, "probe_forget_acc": 0.1},  # a reference: never ranked
-                "ours": {"retain_acc": 0.60 + d, "probe_forget_acc": 0.50 + 10 * d},
-                "peer": {"retain_acc": 0.50 + d, "probe_forget_acc": 0.55 + d},
+                "ours": {
+                    "retain_acc": 0.60 + d,
+                    "probe_forget_acc": 0.50 + 10 * d,
+                    "relearn_steps": None,
+                    "relearn_budget": 60,
+                },  # never relearned: counted as the budget, a lower bound
+                "peer": {"retain_acc": 0.50 + d, "probe_forget_acc": 0.55 + d, "relearn_steps": 20},
             },
         )
         for seed, d in enumerate((-0.01, 0.0, 0.01))
@@ -117,3 +124,4 @@ def test_a_row_is_bold_only_where_it_leads_the_next_by_more_than_both_stds(bench
     peer = next(line for line in table.splitlines() if "| peer |" in line)
     assert "**0.600 ± 0.010**" in ours
     assert "**" not in peer and "0.500 ± 0.100" in ours  # a lead of 0.05 inside a std of 0.10
+    assert "**≥ 60.0 ± 0.0**" in ours and "| 20.0 ± 0.0 |" in peer
