@@ -526,8 +526,8 @@ def plot_tradeoff(reports: list[dict[str, Any]], path: Path) -> None:
     if not stats:
         return
     axes_of = (
-        ("relearn_steps", "steps to relearn half the original's accuracy (never: the budget; higher resists)"),
-        ("probe_forget_acc", "linear-probe accuracy on the forgotten classes (lower: removed)"),
+        ("relearn_steps", "relearn steps (never: the budget; higher resists)"),
+        ("probe_forget_acc", "probe accuracy on the forgotten classes (lower: removed)"),
     )
     fig, axes = plt.subplots(len(stats), 2, figsize=(13, 5.2 * len(stats)), squeeze=False)
     for row_axes, (setting, rows) in zip(axes, stats.items(), strict=True):
@@ -536,12 +536,14 @@ def plot_tradeoff(reports: list[dict[str, Any]], path: Path) -> None:
                 if column not in cols or "retain_acc" not in cols:
                     continue
                 x, y = cols["retain_acc"], cols[column]
-                style = {"marker": "*", "markersize": 14, "color": "black"} if name == "retrain" else {"marker": "o"}
+                style = {"marker": "o"}
+                if name in (reports[0]["method"], "retrain"):  # ours and the gold standard stand out
+                    style = {"marker": "s" if name != "retrain" else "*", "markersize": 12, "color": "black"}
                 ax.errorbar(x.mean, y.mean, xerr=x.std, yerr=y.std, capsize=2, **style)
                 ax.annotate(name, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize="small")
             ax.set_xlabel("test accuracy on the remaining classes")
             ax.set_ylabel(label)
-            ax.set_title(f"forget {setting} (star: retrain)")
+            ax.set_title(f"forget {setting} (star: retrain; square: {reports[0]['method']})")
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
