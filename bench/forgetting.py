@@ -18,11 +18,12 @@ regime, samples seen, seconds and speed-up against retraining in the same run; `
 holds every comparison's report, ``<out>/tradeoff.png`` the remaining-class accuracy against relearn
 resistance and the probe. All are rewritten after each comparison, so a run cut short keeps what it finished.
 
-The CPU protocol (the defaults, about 50 minutes on 2 cores): the small ``cnn`` on 1000 training images per
-class (original and retraining: Adam, one-cycle peak 5e-3, 10 epochs, batch 128, channels_last), the full
-test set, seeds 0 1 2, forgetting automobile (1), then airplane and ship (0,8), at 10 shots. Those classes
-were chosen because CIFAR-10 classifiers recognise them better than most (ResNet-18 reaches about 95-97% on
-each), so forgetting them is a large drop; the original row shows what this original knew of them.
+The CPU protocol (the defaults; 44 minutes cold on the 2-core development machine): the small ``cnn`` on 1000
+training images per class (original and retraining: Adam, one-cycle peak 5e-3, 10 epochs, batch 128,
+channels_last), the full test set, seeds 0 1 2, forgetting automobile (1), then airplane and ship (0,8), at 10
+shots. Those classes were chosen because CIFAR-10 classifiers recognise them better than most (ResNet-18
+reaches about 95-97% on each), so forgetting them is a large drop; the original row shows what this original
+knew of them.
 ``bench/gpu.sh`` runs the paper-scale setting (ResNet-18 on all 50,000 images).
 """
 
