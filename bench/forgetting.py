@@ -24,7 +24,7 @@ channels_last), the full test set, seeds 0 1 2, forgetting automobile (1), then 
 shots. Those classes were chosen because CIFAR-10 classifiers recognise them better than most (ResNet-18
 reaches about 95-97% on each), so forgetting them is a large drop; the original row shows what this original
 knew of them.
-``bench/gpu.sh`` runs the paper-scale setting (ResNet-18 on all 50,000 images).
+``bench/gpu.sh`` runs the paper-scale setting (ResNet-18 on 49,000 images, 100 a class kept for tuning).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The paper-scale comparison on one GPU: ResNet-18 on all 50,000 CIFAR-10 training images, every method.
+# The paper-scale comparison on one GPU: ResNet-18 on 49,000 CIFAR-10 training images (100 a class kept for
+# tuning the peers), every method.
 #
 #   bash bench/gpu.sh [bench/forgetting.py options, which override the ones below]
 #
