@@ -146,7 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="models in channels_last memory format (1.5x faster convolutions on this 2-core CPU, and on GPUs)",
+        help="models in channels_last memory format (1.3x faster training, 1.9x inference on a 2-core CPU: "
+        "bench/channels_last.py)",
     )
     parser.add_argument("--cache-dir", default="~/.cache/lightning-forget/models", help="trained models kept here")
     parser.add_argument(
