@@ -53,7 +53,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tuning import TUNABLE, accuracies, grids, tune, validation_split
 
 from lightning_forget import ProbeSettings, RelearnSettings, dataset_labels, evaluate_forgetting, few_shot_subset
@@ -313,7 +313,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for forget in forget_settings:
             for shots in args.shots:
                 few_shot = few_shot_subset(data.train, shots, seed=seed)
-                task = ForgettingTask(original, make_model, data.train, few_shot, forget, data.num_classes, recipe)
+                few_shot_eval = Subset(data.train_eval, few_shot.indices)
+                task = ForgettingTask(
+                    original, make_model, data.train, few_shot, forget, data.num_classes, recipe,
+                    few_shot_eval=few_shot_eval,
+                )  # fmt: skip
                 evaluate = timed(evaluator(args, data, test, task, seed), spent, "evaluation")
                 clock, evaluated = time.perf_counter(), spent["evaluation"]
                 comparison = compare(

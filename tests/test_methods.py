@@ -2,6 +2,7 @@
 never touches the original, and changes only what it says it changes; the pipeline caches retraining."""
 
 import copy
+import dataclasses
 from functools import partial
 from pathlib import Path
 
@@ -159,6 +160,37 @@ def test_head_only_changes_nothing_but_the_final_layer(task):
     changed = {n for n, p in outcome.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= {"15.weight", "15.bias"}
     assert all(p.requires_grad for p in outcome.model.parameters()), "head_only left parameters frozen"
+
+
+class _Jittered(torch.utils.data.Dataset):
+    """The samples of ``base`` with fresh noise on every read: random augmentation, as a callback sees it."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.01 * torch.randn_like(x), y
+
+
+def test_ours_judges_its_verdict_on_held_back_samples_even_when_the_few_shots_are_augmented(task):
+    augmented = dataclasses.replace(task, few_shot=_Jittered(task.few_shot))
+    blind = Relevance(recipe=Recipe(epochs=50, batch_size=32)).run(augmented, quiet_trainer).verdict
+    assert not blind.judged and "augmentation" in blind.not_judged
+
+    twin = dataclasses.replace(augmented, few_shot_eval=task.few_shot)
+    verdict = Relevance(recipe=Recipe(epochs=50, batch_size=32)).run(twin, quiet_trainer).verdict
+    assert verdict.judged and verdict.judged_on == "verdict_data"
+    assert verdict.after.forget_samples + verdict.after.retain_samples == 10  # one held back of each of 10 classes
+    assert verdict.trained.forget_samples + verdict.trained.retain_samples == 90
+
+
+def test_a_few_shot_twin_of_another_length_is_refused(task):
+    with pytest.raises(ValueError, match="few_shot_eval has 5 samples and few_shot 100"):
+        dataclasses.replace(task, few_shot_eval=torch.utils.data.Subset(task.few_shot, range(5)))
 
 
 def test_salun_changes_only_its_saliency_mask(task):

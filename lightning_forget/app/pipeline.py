@@ -211,8 +211,9 @@ def compare_and_report(
     if original_source is None and cache is not None and single is not None:
         original_source = {"file": str(cache.path(single, f"original-{model_name}")), "sha256": None}
     task = ForgettingTask(
-        original, make_model, data.train, few_shot, forget_classes, data.num_classes, recipe, list(already_forgotten)
-    )
+        original, make_model, data.train, few_shot, forget_classes, data.num_classes, recipe, list(already_forgotten),
+        few_shot_eval=Subset(data.train_eval, few_shot.indices),
+    )  # fmt: skip
     first = next(iter(methods))
     comparison = compare(
         task,

@@ -74,6 +74,8 @@ class ForgettingTask:
         already_forgotten: classes an earlier request forgot (the original comes from a forgetting); every
             method keeps them forgotten: they are forgotten classes for its objective and its data
             (:meth:`of_classes`), and retraining leaves them out too.
+        few_shot_eval: the samples of ``few_shot`` in the same order, with evaluation transforms (no random
+            augmentation): a method that holds some back to judge itself judges them as a test set is seen.
     """
 
     original: nn.Module
@@ -84,10 +86,16 @@ class ForgettingTask:
     num_classes: int
     train_recipe: Recipe
     already_forgotten: list[int] = field(default_factory=list)
+    few_shot_eval: Dataset | None = None
 
     def __post_init__(self) -> None:
         self.forget_classes = check_forget_classes(self.forget_classes, self.num_classes)
         self.already_forgotten = check_already_forgotten(self.already_forgotten, self.forget_classes, self.num_classes)
+        if self.few_shot_eval is not None and len(self.few_shot_eval) != len(self.few_shot):
+            raise ValueError(
+                f"few_shot_eval has {len(self.few_shot_eval)} samples and few_shot {len(self.few_shot)}: pass the same "
+                "samples with evaluation transforms (e.g. Subset(train_eval, few_shot.indices))."
+            )
 
     @property
     def forgotten_so_far(self) -> list[int]:

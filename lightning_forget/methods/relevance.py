@@ -6,6 +6,7 @@ import copy
 from typing import Literal
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from lightning_forget.methods.base import (
     DataRegime,
@@ -26,6 +27,7 @@ from lightning_forget.plugin.callback import (
     ClassForgetting,
 )
 from lightning_forget.plugin.features import final_linear
+from lightning_forget.plugin.few_shot import dataset_labels
 from lightning_forget.plugin.module import ForgettingModule
 from lightning_forget.plugin.objective import ForgettingObjective
 from lightning_forget.plugin.relevance import Score
@@ -108,8 +110,15 @@ class Relevance(ForgettingMethod):
         for p in frozen:
             p.requires_grad_(False)
         module = ForgettingModule(model, task.forgotten_so_far, task.num_classes, **self.recipe.module_kwargs())
-        callback = ClassForgetting(task.forget_classes, already_forgotten=task.already_forgotten, **self.options)
-        data = task.data(self.data)
+        data, options = task.data(self.data), self.options
+        held = self._held_back(task) if self.data == "few_shot" else None
+        if held is not None:
+            # Held back here rather than by the callback, which cannot tell randomly augmented samples apart:
+            # the fit trains on the rest, the verdict judges the held-back ones without augmentation.
+            data = Subset(task.few_shot, held[0])
+            verdict = DataLoader(Subset(task.few_shot_eval, held[1]), batch_size=self.recipe.batch_size)
+            options = options | {"holdout": 0, "verdict_data": verdict}
+        callback = ClassForgetting(task.forget_classes, already_forgotten=task.already_forgotten, **options)
         trainer = make_trainer(max_epochs=self.recipe.epochs, callbacks=[callback])
         try:
             seconds = fit_timed(trainer, module, data, self.recipe.batch_size)
@@ -118,4 +127,26 @@ class Relevance(ForgettingMethod):
                 p.requires_grad_(True)
         masks = {n.removeprefix("model."): m for n, m in callback.masks.items()}
         masks |= {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n not in masks}
-        return Outcome(model, seconds, len(data), self.data, masks=masks, verdict=callback.verdict, trainer=trainer)
+        samples = len(task.data(self.data))
+        return Outcome(model, seconds, samples, self.data, masks=masks, verdict=callback.verdict, trainer=trainer)
+
+    def _held_back(self, task: ForgettingTask) -> tuple[list[int], list[int]] | None:
+        """Positions in ``task.few_shot`` to train on and to judge on: ``holdout`` of every class with more.
+
+        ``None`` (the callback then holds back by itself, or says why it cannot) without ``few_shot_eval``, with
+        ``holdout=0``, or where no class has more than ``holdout`` samples.
+        """
+        per_class = self.options["holdout"]
+        if task.few_shot_eval is None or not per_class:
+            return None
+        labels = dataset_labels(task.few_shot)
+        generator = torch.Generator().manual_seed(self.options["seed"])
+        held: list[int] = []
+        for c in labels.unique().tolist():
+            rows = (labels == c).nonzero().squeeze(1)
+            if len(rows) > per_class:  # every class keeps at least one sample to train on
+                held += rows[torch.randperm(len(rows), generator=generator)[:per_class]].tolist()
+        if not held:
+            return None
+        chosen = set(held)
+        return [i for i in range(len(labels)) if i not in chosen], sorted(held)
