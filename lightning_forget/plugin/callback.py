@@ -629,9 +629,7 @@ class ClassForgetting(Callback):
     def _install_objective(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> None:
         """Replace ``training_step`` for this fit: the objective against the snapshot taken at fit start."""
         objective, teacher, fmt, classes = self.objective, self._teacher, self.batch_format, self.forgotten_so_far
-        features_needed = objective.feature_weight or objective.erase_weight
-        head, prototypes = self._feature_targets(pl_module, trainer) if features_needed else (None, None)
-        erase = _erase_basis(prototypes, classes) if head is not None and objective.erase_weight else None
+        head, prototypes = self._feature_targets(pl_module, trainer) if objective.feature_weight else (None, None)
 
         held = self._held_back
         mix = bool(objective.mix_weight)
@@ -655,16 +653,16 @@ class ClassForgetting(Callback):
             batch_size = len(targets)
             if mix:
                 inputs = torch.cat([inputs, _mixtures(inputs)])
-            with torch.no_grad(), eval_mode(pl_module), _capturing(head if erase else None) as teacher_features:
+            with torch.no_grad(), eval_mode(pl_module):
                 teacher_logits = fmt.logits_of(functional_call(pl_module, teacher, (inputs,)))
-            with _capturing(head) as features:
+            with captured_inputs(head) if head is not None else contextlib.nullcontext([]) as features:
                 logits = fmt.logits_of(pl_module(inputs))
             mixed = (logits[batch_size:], teacher_logits[batch_size:]) if mix else None
             logits, teacher_logits = logits[:batch_size], teacher_logits[:batch_size]
             features = [f[:batch_size] for f in features]
             check_targets(targets, logits.shape[-1])
             feature_targets = None
-            if objective.feature_weight and head is not None and len(features) == 1:
+            if head is not None and len(features) == 1:
                 # The remaining class each sample is renormalised to, among those with a mean feature.
                 known = teacher_logits.float().masked_fill(torch.isnan(prototypes[:, 0]), float("-inf"))
                 known[:, classes] = float("-inf")
@@ -677,8 +675,6 @@ class ClassForgetting(Callback):
                 features=features[0] if features else None,
                 feature_targets=feature_targets,
                 mixed=mixed,
-                teacher_features=teacher_features[0][:batch_size] if len(teacher_features) == 1 else None,
-                erase=erase,
             )
             pl_module.log_dict({f"forget/{k}": v for k, v in terms.items() if k != "loss"})
             pl_module.log("forget/loss", terms["loss"], prog_bar=True)
@@ -1067,27 +1063,6 @@ def _impair(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], shrink: f
         mask = masks.get(name)
         if mask is not None and mask.any():
             p.copy_(torch.where(mask.to(p.device), p * (1 - shrink), p))
-
-
-def _capturing(head: nn.Module | None) -> contextlib.AbstractContextManager[list[Tensor]]:
-    """The inputs of ``head`` during the block (see :func:`captured_inputs`); none when ``head`` is ``None``."""
-    return captured_inputs(head) if head is not None else contextlib.nullcontext([])
-
-
-def _erase_basis(prototypes: Tensor, forgotten: Sequence[int]) -> tuple[Tensor, Tensor] | None:
-    """An orthonormal basis of the forgotten classes' mean features minus the remaining classes', and the latter.
-
-    Classes without samples (NaN means) are left out; ``None`` when no forgotten or no remaining class has any.
-    """
-    known = ~torch.isnan(prototypes[:, 0])
-    is_forgotten = torch.zeros_like(known)
-    is_forgotten[list(forgotten)] = True
-    rest, gone = prototypes[known & ~is_forgotten], prototypes[known & is_forgotten]
-    if not len(rest) or not len(gone):
-        return None
-    center = rest.mean(0)
-    basis = torch.linalg.qr((gone - center).T.double()).Q.to(prototypes.dtype)
-    return basis, center
 
 
 def _mixtures(inputs: Tensor) -> Tensor:

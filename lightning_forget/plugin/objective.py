@@ -39,14 +39,6 @@ class ForgettingObjective:
     renormalised to): their features move into a remaining class's cluster, so that no probe on
     the features finds the class, instead of only the output layer hiding it.
 
-    With ``erase_weight`` > 0, every sample (the remaining classes' too) pays the relative squared distance
-    between its penultimate features and the teacher's with the forgotten classes' directions erased:
-    ``erase = (basis, center)`` (the callback passes an orthonormal basis of the teacher's mean feature of
-    each forgotten class minus that of the remaining classes, and the latter) sets the teacher's component
-    along the basis to the center's. The network learns one linear change of its features, the same for
-    every input, so what it learns on a few shots carries over to unseen images: a linear probe on the
-    features loses the direction that told the classes apart, while every other direction is kept.
-
     With ``mix_weight`` > 0 and ``mixed`` logits given, the student also matches the renormalised
     teacher on mixtures of the batch's inputs (the callback draws them: mixup, Zhang et al., ICLR
     2018, used as in few-sample distillation): a few shots pin the student to the teacher only at
@@ -59,8 +51,8 @@ class ForgettingObjective:
 
     Args:
         forget_loss: one of ``FORGET_LOSSES``.
-        retain_weight, distill_weight, forget_weight, feature_weight, mix_weight, erase_weight: non-negative
-            weights of the terms, not all 0.
+        retain_weight, distill_weight, forget_weight, feature_weight, mix_weight: non-negative weights
+            of the terms, not all 0.
         temperature: distillation temperature, > 0.
         distill_target: ``renormalized`` or ``original``.
 
@@ -77,7 +69,6 @@ class ForgettingObjective:
     distill_target: DistillTarget = "renormalized"
     feature_weight: float = 0.0
     mix_weight: float = 0.0
-    erase_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:
@@ -88,7 +79,6 @@ class ForgettingObjective:
         weights["forget_weight"] = self.forget_weight
         weights["feature_weight"] = self.feature_weight
         weights["mix_weight"] = self.mix_weight
-        weights["erase_weight"] = self.erase_weight
         bad = {k: v for k, v in weights.items() if not _is_number(v) or v < 0}
         if bad:
             raise ValueError(f"Loss weights must be numbers >= 0, got {bad}.")
@@ -106,16 +96,11 @@ class ForgettingObjective:
         features: Tensor | None = None,
         feature_targets: Tensor | None = None,
         mixed: tuple[Tensor, Tensor] | None = None,
-        teacher_features: Tensor | None = None,
-        erase: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget``, ``feature``, ``mix``
-        and ``erase``.
+        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget``, ``feature`` and ``mix``.
 
         ``features`` and ``feature_targets`` (``(batch, dim)``) are used only with ``feature_weight`` > 0;
-        ``mixed`` (the student's and the teacher's logits on mixed inputs) only with ``mix_weight`` > 0;
-        ``features``, ``teacher_features`` and ``erase`` (``(dim, k)`` orthonormal basis, ``(dim,)`` center) only
-        with ``erase_weight`` > 0.
+        ``mixed`` (the student's and the teacher's logits on mixed inputs) only with ``mix_weight`` > 0.
         """
         logits, teacher_logits = logits.float(), teacher_logits.float()
         is_forgotten = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -123,7 +108,7 @@ class ForgettingObjective:
         forget_rows = is_forgotten[targets]
         retain_rows = ~forget_rows
         zero = logits.sum() * 0.0
-        retain = distill = forget = feature = mix = erased = zero
+        retain = distill = forget = feature = mix = zero
         if retain_rows.any():
             retain = F.cross_entropy(logits[retain_rows], targets[retain_rows])
             teacher = teacher_logits[retain_rows]
@@ -138,16 +123,9 @@ class ForgettingObjective:
             forget = self._forget_term(logits[rows], teacher_logits[rows], targets[rows], is_forgotten)
             if self.feature_weight and features is not None and feature_targets is not None:
                 f, t = features[rows].float(), feature_targets[rows].float()
-                feature = _relative_distance(f, t)
-        if self.erase_weight and features is not None and teacher_features is not None and erase is not None:
-            basis, center = (t.float() for t in erase)
-            teacher = teacher_features.float()
-            target = teacher - ((teacher - center) @ basis) @ basis.T
-            erased = _relative_distance(features.float(), target)
+                feature = ((f - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
         weights = (self.retain_weight, self.distill_weight, self.forget_weight, self.feature_weight, self.mix_weight)
-        weights += (self.erase_weight,)
         terms = {"retain": retain, "distill": distill, "forget": forget, "feature": feature, "mix": mix}
-        terms["erase"] = erased
         loss = sum(w * t for w, t in zip(weights, terms.values())) / sum(weights)
         return {"loss": loss, **{k: t.detach() for k, t in terms.items()}}
 
@@ -171,11 +149,6 @@ class ForgettingObjective:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _relative_distance(features: Tensor, targets: Tensor) -> Tensor:
-    """Squared distance of each row to its target over the target's squared norm, batch mean."""
-    return ((features - targets).square().sum(-1) / targets.square().sum(-1).clamp_min(1e-12)).mean()
 
 
 def _kl_to(log_student: Tensor, target: Tensor) -> Tensor:
