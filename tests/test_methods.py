@@ -193,6 +193,19 @@ def test_a_few_shot_twin_of_another_length_is_refused(task):
         dataclasses.replace(task, few_shot_eval=torch.utils.data.Subset(task.few_shot, range(5)))
 
 
+def test_features_first_fits_twice_and_changes_only_the_union_of_both_selections(task):
+    single = Relevance(recipe=Recipe(epochs=15, batch_size=64)).run(task, quiet_trainer)
+    outcome = Relevance(features_first=True, recipe=Recipe(epochs=15, batch_size=64)).run(task, quiet_trainer)
+    selected = sum(int(m.sum()) for m in outcome.masks.values())
+    assert selected > sum(int(m.sum()) for m in single.masks.values()), "the two selections were not joined"
+    original = dict(task.original.named_parameters())
+    for name, p in outcome.model.named_parameters():
+        mask = outcome.masks[name]
+        assert torch.equal(p[~mask], original[name][~mask]), name
+    figures = evaluate_forgetting(outcome.model, task.train_data, task.train_data, FORGET, 10)
+    assert figures["forget_acc"] <= 0.05
+
+
 def test_salun_changes_only_its_saliency_mask(task):
     outcome = SalUn().run(task, quiet_trainer)
     selected = sum(int(m.sum()) for m in outcome.masks.values())
@@ -229,6 +242,8 @@ def test_bad_method_settings_are_refused_before_any_work():
         Retrain(data="most")
     with pytest.raises(ValueError, match="layers must be one of"):
         Relevance(layers="last")
+    with pytest.raises(ValueError, match="features_first fits the features, then every layer"):
+        Relevance(features_first=True, layers="head")
     with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
         Recipe(epochs=0, batch_size=32)
 
