@@ -250,6 +250,8 @@ def test_an_app_run_from_a_forgotten_model_keeps_its_classes_forgotten_and_chain
         in (second.run_dir / "report.md").read_text()
     )
     relevance, retrain = report["models"]["relevance"], report["models"]["retrain"]
+    # The method held one shot of every class back from its fit, from the images without augmentation.
+    assert "verdict_data samples it did not train on" in relevance["samples_verdict"]
     for c in (3, 7):
         bound(f"app: class {c} after the second request", relevance["per_class_acc"][c], "<=", 0.05)
     # The verdict's forget_acc is over both classes; retraining never saw either.
