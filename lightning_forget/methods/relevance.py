@@ -29,6 +29,7 @@ from lightning_forget.plugin.callback import (
 )
 from lightning_forget.plugin.features import final_linear
 from lightning_forget.plugin.few_shot import dataset_labels
+from lightning_forget.plugin.holdout import choose_held_back
 from lightning_forget.plugin.module import ForgettingModule
 from lightning_forget.plugin.objective import ForgettingObjective
 from lightning_forget.plugin.relevance import Score
@@ -163,13 +164,7 @@ class Relevance(ForgettingMethod):
         if task.few_shot_eval is None or not per_class:
             return None
         labels = dataset_labels(task.few_shot)
-        generator = torch.Generator().manual_seed(self.options["seed"])
-        held: list[int] = []
-        for c in labels.unique().tolist():
-            rows = (labels == c).nonzero().squeeze(1)
-            if len(rows) > per_class:  # every class keeps at least one sample to train on
-                held += rows[torch.randperm(len(rows), generator=generator)[:per_class]].tolist()
+        held = set(choose_held_back(labels, per_class, self.options["seed"]))
         if not held:
             return None
-        chosen = set(held)
-        return [i for i in range(len(labels)) if i not in chosen], sorted(held)
+        return [i for i in range(len(labels)) if i not in held], sorted(held)

@@ -67,12 +67,7 @@ def hold_back(
             "the training data gives other values on every pass (random augmentation?), so its samples cannot be "
             "told apart; pass verdict_data= a few images of each class that the fit does not train on"
         )
-    generator = torch.Generator().manual_seed(seed)
-    chosen: list[int] = []
-    for c in targets.unique().tolist():
-        rows = (targets == c).nonzero().squeeze(1)
-        if len(rows) > per_class:  # every class keeps at least one sample to train on
-            chosen += rows[torch.randperm(len(rows), generator=generator)[:per_class]].tolist()
+    chosen = choose_held_back(targets, per_class, seed)
     # Duplicated samples share a fingerprint: hold back every copy, or the fit would train on it.
     held_keys = {keys[i] for i in chosen}
     rows = torch.tensor([i for i, k in enumerate(keys) if k in held_keys], dtype=torch.long)
@@ -83,6 +78,20 @@ def hold_back(
         )
     held = [(inputs[rows], targets[rows])]
     return HeldBack(held_keys, held), ""
+
+
+def choose_held_back(targets: Tensor, per_class: int, seed: int) -> list[int]:
+    """Positions of ``per_class`` samples of every class that has more than ``per_class``, drawn from ``seed``.
+
+    Every class keeps at least one sample to train on; classes with too few samples give none.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for c in targets.unique().tolist():
+        rows = (targets == c).nonzero().squeeze(1)
+        if len(rows) > per_class:
+            chosen += rows[torch.randperm(len(rows), generator=generator)[:per_class]].tolist()
+    return chosen
 
 
 class WithoutHeldBack:
