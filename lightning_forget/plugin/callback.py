@@ -273,8 +273,6 @@ class ClassForgetting(Callback):
         self._gate: StepGate | None = None
         self._frozen_bn: list[_BatchNorm] = []
         self._installed = False
-        self._erase: Tensor | None = None
-        self._erase_head: nn.Linear | None = None
         self._kept: dict[str, Tensor] = {}
         self._averages: list[AveragedModel] = []
         self._restorations: list[tuple[str, ParameterChange]] = []
@@ -458,12 +456,6 @@ class ClassForgetting(Callback):
         )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._installed and self._erase_head is not None:
-            # The directions that set the classes apart in the features as they are now: erasing a fixed one
-            # only moves the class to another.
-            self._erase = _erase_directions(
-                self._feature_targets(pl_module, trainer, current=True)[1], self.forgotten_so_far
-            )
         # A monitor may read the epoch-end keys before the first epoch ends (a validation or a ReduceLROnPlateau
         # within the epoch): it then sees the figures measured at fit start, the latest ones.
         if self._before is not None:
@@ -637,9 +629,7 @@ class ClassForgetting(Callback):
     def _install_objective(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> None:
         """Replace ``training_step`` for this fit: the objective against the snapshot taken at fit start."""
         objective, teacher, fmt, classes = self.objective, self._teacher, self.batch_format, self.forgotten_so_far
-        features_needed = objective.feature_weight or objective.erase_weight
-        head, prototypes = self._feature_targets(pl_module, trainer) if features_needed else (None, None)
-        self._erase_head = head if objective.erase_weight else None
+        head, prototypes = self._feature_targets(pl_module, trainer) if objective.feature_weight else (None, None)
 
         held = self._held_back
         mix = bool(objective.mix_weight)
@@ -672,7 +662,7 @@ class ClassForgetting(Callback):
             features = [f[:batch_size] for f in features]
             check_targets(targets, logits.shape[-1])
             feature_targets = None
-            if objective.feature_weight and head is not None and len(features) == 1:
+            if head is not None and len(features) == 1:
                 # The remaining class each sample is renormalised to, among those with a mean feature.
                 known = teacher_logits.float().masked_fill(torch.isnan(prototypes[:, 0]), float("-inf"))
                 known[:, classes] = float("-inf")
@@ -685,7 +675,6 @@ class ClassForgetting(Callback):
                 features=features[0] if features else None,
                 feature_targets=feature_targets,
                 mixed=mixed,
-                erase=self._erase,
             )
             pl_module.log_dict({f"forget/{k}": v for k, v in terms.items() if k != "loss"})
             pl_module.log("forget/loss", terms["loss"], prog_bar=True)
@@ -695,9 +684,7 @@ class ClassForgetting(Callback):
         self._installed = True
 
     @torch.no_grad()
-    def _feature_targets(
-        self, pl_module: pl.LightningModule, trainer: pl.Trainer, current: bool = False
-    ) -> tuple[nn.Linear | None, Tensor]:
+    def _feature_targets(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> tuple[nn.Linear | None, Tensor]:
         """The final linear layer and, per class, the fit-start model's mean penultimate feature (NaN: no sample)."""
         fmt, teacher, precision = self._sample_format, self._teacher, trainer.precision_plugin
         sums: Tensor | None = None
@@ -714,7 +701,7 @@ class ClassForgetting(Callback):
                         rank_zero_warn(f"ClassForgetting: the objective's feature term is off: {error}")
                         return None, torch.empty(0)
                 with captured_inputs(head) as captured:
-                    pl_module(inputs) if current else functional_call(pl_module, teacher, (inputs,))
+                    functional_call(pl_module, teacher, (inputs,))
                 features = captured[0].double()
                 if sums is None:
                     sums = torch.zeros(num_classes, features.shape[1] + 1, dtype=torch.float64, device=features.device)
@@ -1076,21 +1063,6 @@ def _impair(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], shrink: f
         mask = masks.get(name)
         if mask is not None and mask.any():
             p.copy_(torch.where(mask.to(p.device), p * (1 - shrink), p))
-
-
-def _erase_directions(prototypes: Tensor, forgotten: Sequence[int]) -> Tensor | None:
-    """Unit directions, one column per forgotten class, from the remaining classes' mean feature to the class's.
-
-    ``None`` when a forgotten class or every remaining class has no samples (NaN means).
-    """
-    known = ~torch.isnan(prototypes[:, 0])
-    is_forgotten = torch.zeros_like(known)
-    is_forgotten[list(forgotten)] = True
-    rest = prototypes[known & ~is_forgotten]
-    if not len(rest) or not known[list(forgotten)].all():
-        return None
-    gaps = prototypes[list(forgotten)] - rest.mean(0)
-    return (gaps / gaps.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T.contiguous()
 
 
 def _mixtures(inputs: Tensor) -> Tensor:

@@ -39,15 +39,6 @@ class ForgettingObjective:
     renormalised to): their features move into a remaining class's cluster, so that no probe on
     the features finds the class, instead of only the output layer hiding it.
 
-    With ``erase_weight`` > 0 and ``erase`` given, every sample (the remaining classes' too) pays the squared
-    component of its penultimate features along the forgotten classes' directions: ``erase = (basis, center,
-    scale)``, where the callback passes an orthonormal basis of the fit-start model's mean feature of each
-    forgotten class minus the remaining classes' mean feature ``center``, and ``scale`` the mean squared length
-    of those differences (a forgotten-class sample starts near 1). Flattening one direction for every input is
-    a change of the network, not of the samples, so it carries over to images the fit never saw: a linear probe
-    loses the direction that set the classes apart (a rank-k projection, as in concept erasure, LEACE, Belrose
-    et al., NeurIPS 2023, learnt by the selected entries instead of applied to the features).
-
     With ``mix_weight`` > 0 and ``mixed`` logits given, the student also matches the renormalised
     teacher on mixtures of the batch's inputs (the callback draws them: mixup, Zhang et al., ICLR
     2018, used as in few-sample distillation): a few shots pin the student to the teacher only at
@@ -60,8 +51,8 @@ class ForgettingObjective:
 
     Args:
         forget_loss: one of ``FORGET_LOSSES``.
-        retain_weight, distill_weight, forget_weight, feature_weight, mix_weight, erase_weight: non-negative
-            weights of the terms, not all 0.
+        retain_weight, distill_weight, forget_weight, feature_weight, mix_weight: non-negative weights
+            of the terms, not all 0.
         temperature: distillation temperature, > 0.
         distill_target: ``renormalized`` or ``original``.
 
@@ -78,7 +69,6 @@ class ForgettingObjective:
     distill_target: DistillTarget = "renormalized"
     feature_weight: float = 0.0
     mix_weight: float = 0.0
-    erase_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:
@@ -89,7 +79,6 @@ class ForgettingObjective:
         weights["forget_weight"] = self.forget_weight
         weights["feature_weight"] = self.feature_weight
         weights["mix_weight"] = self.mix_weight
-        weights["erase_weight"] = self.erase_weight
         bad = {k: v for k, v in weights.items() if not _is_number(v) or v < 0}
         if bad:
             raise ValueError(f"Loss weights must be numbers >= 0, got {bad}.")
@@ -107,15 +96,11 @@ class ForgettingObjective:
         features: Tensor | None = None,
         feature_targets: Tensor | None = None,
         mixed: tuple[Tensor, Tensor] | None = None,
-        erase: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget``, ``feature``, ``mix``
-        and ``erase``.
+        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget``, ``feature`` and ``mix``.
 
         ``features`` and ``feature_targets`` (``(batch, dim)``) are used only with ``feature_weight`` > 0;
-        ``mixed`` (the student's and the teacher's logits on mixed inputs) only with ``mix_weight`` > 0;
-        ``features`` and ``erase`` (a ``(dim, k)`` orthonormal basis, a ``(dim,)`` center, a scalar scale) only
-        with ``erase_weight`` > 0.
+        ``mixed`` (the student's and the teacher's logits on mixed inputs) only with ``mix_weight`` > 0.
         """
         logits, teacher_logits = logits.float(), teacher_logits.float()
         is_forgotten = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -123,7 +108,7 @@ class ForgettingObjective:
         forget_rows = is_forgotten[targets]
         retain_rows = ~forget_rows
         zero = logits.sum() * 0.0
-        retain = distill = forget = feature = mix = erased = zero
+        retain = distill = forget = feature = mix = zero
         if retain_rows.any():
             retain = F.cross_entropy(logits[retain_rows], targets[retain_rows])
             teacher = teacher_logits[retain_rows]
@@ -139,12 +124,8 @@ class ForgettingObjective:
             if self.feature_weight and features is not None and feature_targets is not None:
                 f, t = features[rows].float(), feature_targets[rows].float()
                 feature = ((f - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
-        if self.erase_weight and features is not None and erase is not None:
-            erased = _mean_gaps(features.float(), targets, forget_classes, erase.to(features.device).float())
         weights = (self.retain_weight, self.distill_weight, self.forget_weight, self.feature_weight, self.mix_weight)
-        weights += (self.erase_weight,)
         terms = {"retain": retain, "distill": distill, "forget": forget, "feature": feature, "mix": mix}
-        terms["erase"] = erased
         loss = sum(w * t for w, t in zip(weights, terms.values())) / sum(weights)
         return {"loss": loss, **{k: t.detach() for k, t in terms.items()}}
 
@@ -168,22 +149,6 @@ class ForgettingObjective:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _mean_gaps(features: Tensor, targets: Tensor, forget_classes: Sequence[int], directions: Tensor) -> Tensor:
-    """Per forgotten class, the squared gap between its samples' and the remaining samples' mean projection on
-    its direction, over the remaining samples' variance there (scale-free: shrinking features does not pay)."""
-    forgotten = torch.isin(targets, torch.as_tensor(list(forget_classes), device=targets.device))
-    rest = features[~forgotten] @ directions
-    if len(rest) < 2:
-        return features.sum() * 0.0
-    gaps = []
-    for column, c in enumerate(forget_classes):
-        rows = targets == c
-        if rows.any():
-            own = features[rows] @ directions[:, column]
-            gaps.append((own.mean() - rest[:, column].mean()).square() / rest[:, column].var().clamp_min(1e-12))
-    return torch.stack(gaps).mean() if gaps else features.sum() * 0.0
 
 
 def _kl_to(log_student: Tensor, target: Tensor) -> Tensor:
