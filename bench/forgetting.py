@@ -203,6 +203,41 @@ def load_data(args: argparse.Namespace) -> ClassificationData:
     )
 
 
+def recipe_of(args: argparse.Namespace) -> Recipe:
+    """The recipe of the original and of retraining."""
+    return Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+    )
+
+
+def cache_key(args: argparse.Namespace, recipe: Recipe, seed: int) -> dict[str, Any]:
+    """What an original (and its retraining) of this run depends on: its key in the model cache."""
+    return {
+        "dataset": {"root": os.path.expanduser(args.root), "train_per_class": args.train_per_class},
+        "model": args.arch,
+        "train": asdict(recipe),
+        "seed": seed,
+        "trainer": {"device": args.device, "precision": args.precision, "channels_last": args.channels_last},
+    }
+
+
+def original_of(
+    args: argparse.Namespace, data: ClassificationData, recipe: Recipe, cache: ModelCache, seed: int
+) -> tuple[nn.Module, float]:
+    """The seed's original, from the model cache or trained (and cached) now, and its training seconds."""
+    make_model = model_factory(args.arch, data.num_classes, data.in_channels, args.channels_last)
+    L.seed_everything(seed, verbose=False)
+    return obtain_original(
+        make_model, data.train, data.num_classes, recipe, trainer_factory(args), cache, cache_key(args, recipe, seed),
+        prefix=f"original-{args.arch}",
+    )  # fmt: skip
+
+
 def model_factory(arch: str, num_classes: int, in_channels: int, channels_last: bool) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         model = build_model(arch, num_classes, in_channels)
@@ -264,14 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     validation = validation_split(data, args.tune_per_class, seed=0) if peers else None
     make_model = model_factory(args.arch, data.num_classes, data.in_channels, args.channels_last)
     make_trainer = trainer_factory(args)
-    recipe = Recipe(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        scheduler=args.scheduler,
-    )
+    recipe = recipe_of(args)
     grid = {peer: points for peer, points in grids(composed("method/relevance").method.recipe).items() if peer in peers}
     cache = ModelCache(args.cache_dir)
     meta = {
@@ -296,18 +324,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.info("Stopping before seed %d: %.0f s spent, a seed takes up to %.0f s.", seed, elapsed, slowest)
             break
         seed_start = time.perf_counter()
-        key = {
-            "dataset": {"root": os.path.expanduser(args.root), "train_per_class": args.train_per_class},
-            "model": args.arch,
-            "train": asdict(recipe),
-            "seed": seed,
-            "trainer": {"device": args.device, "precision": args.precision, "channels_last": args.channels_last},
-        }
-        L.seed_everything(seed, verbose=False)
+        key = cache_key(args, recipe, seed)
         clock = time.perf_counter()
-        original, seconds = obtain_original(
-            make_model, data.train, data.num_classes, recipe, make_trainer, cache, key, prefix=f"original-{args.arch}"
-        )
+        original, seconds = original_of(args, data, recipe, cache, seed)
         spent["original (trained or loaded)"] += time.perf_counter() - clock
         original.to(args.device)  # training-free methods and scoring run where the model is
         for forget in forget_settings:

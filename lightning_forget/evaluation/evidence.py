@@ -276,6 +276,22 @@ def linear_probe(
     x_train, y_train = features(train)
     x_test, y_test = features(test) if test_features is None else test_features
     check_finite(torch.cat([x_train, x_test]), "penultimate features")
+    return probe_on_features(x_train, y_train, x_test, y_test, forgotten, num_classes, max_iter=max_iter, C=C)
+
+
+def probe_on_features(
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    forget_classes: Sequence[int],
+    num_classes: int,
+    *,
+    max_iter: int = 1000,
+    C: float = 1.0,
+) -> dict[str, float]:
+    """:func:`linear_probe` on features already computed: ``(N, D)`` features and ``(N,)`` targets of each set."""
+    forgotten = check_forget_classes(forget_classes, num_classes)
     # lbfgs is deterministic; standardising makes it converge in a few hundred iterations.
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     with warnings.catch_warnings(record=True) as caught:
@@ -286,7 +302,7 @@ def linear_probe(
     preds = torch.from_numpy(probe.predict(x_test.double().numpy()))
     return {
         "probe_forget_acc": subset_accuracy(preds, y_test, num_classes, forgotten),
-        "probe_retain_acc": subset_accuracy(preds, y_test, num_classes, kept),
+        "probe_retain_acc": subset_accuracy(preds, y_test, num_classes, remaining_classes(forgotten, num_classes)),
     }
 
 
@@ -819,6 +835,7 @@ __all__ = [
     "final_linear",
     "integrity_evidence",
     "linear_probe",
+    "probe_on_features",
     "penultimate_features",
     "relearn",
     "retain_only_attack",
