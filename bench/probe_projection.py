@@ -11,8 +11,9 @@ few shots (what a method has) or on the probe's own training images (an oracle).
 output of that module instead (channels on dim 1, directions from its spatial means): for the ``cnn``, ``11`` is
 the last BatchNorm, before the ReLU and pooling that make the features, a change its convolution and shift could
 absorb. No forgetting runs: this measures how much of what the probe finds one linear change would remove, not
-what a method removes; each cell also gives the model's own test accuracy on the remaining classes. Prints a
-markdown table and writes it, with the figures as JSON, to ``--out``.
+what a method removes; each cell also gives the model's own test accuracy on the remaining classes. Any other
+option is ``bench/forgetting.py``'s (``--root``, ``--arch``, ``--epochs``...). Prints a markdown table and writes
+it, with the figures as JSON, to ``--out``.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forget", nargs="+", default=["automobile", "airplane,ship"])
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--probe-per-class", type=int, default=50)
-    args = parser.parse_args(argv)
-    protocol = protocol_args(["--out", args.out])  # bench/forgetting.py's defaults: data, recipe, model cache
+    args, rest = parser.parse_known_args(argv)
+    protocol = protocol_args(["--out", args.out, *rest])  # bench/forgetting.py's data, recipe and model cache
     data = load_data(protocol)
     recipe, cache, n = recipe_of(protocol), ModelCache(protocol.cache_dir), data.num_classes
     rows = []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -21,6 +22,17 @@ def bench():
         import tuning
 
         yield forgetting, tuning
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def probe_projection():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import probe_projection
+
+        yield probe_projection
     finally:
         sys.path.remove(str(BENCH))
 
@@ -94,6 +106,36 @@ def test_peers_without_retraining_to_aim_at_are_refused_before_any_work(bench, d
     with pytest.raises(SystemExit):
         forgetting.parse_args(_args(digit_folder, tmp_path, "--methods", "relevance", "delete"))
     assert not (tmp_path / "out").exists()
+
+
+def test_projecting_out_a_class_direction_puts_its_mean_on_the_others_and_keeps_the_rest(probe_projection):
+    torch.manual_seed(0)
+    features, labels = torch.randn(60, 5), torch.arange(60) % 3
+    features[labels == 1] += torch.tensor([3.0, -2.0, 0.0, 0.0, 1.0])
+    projection = probe_projection.projection_from(features, labels, [1])
+    moved = projection(features)
+    gap = moved[labels == 1].mean(0) - moved[labels != 1].mean(0)
+    assert gap.abs().max() < 1e-5 < (features[labels == 1].mean(0) - features[labels != 1].mean(0)).abs().max()
+    direction = features[labels == 1].mean(0) - features[labels != 1].mean(0)
+    other = torch.randn(5)
+    other -= (other @ direction) / (direction @ direction) * direction  # every direction but the class's is kept
+    assert torch.allclose(projection.projector @ other, other, atol=1e-5)
+
+
+def test_the_probe_projection_script_writes_every_cell_with_the_protocols_options(
+    probe_projection, digit_folder, tmp_path
+):
+    out = tmp_path / "projection"
+    probe_projection.main([
+        "--out", str(out), "--root", str(digit_folder), "--cache-dir", str(tmp_path / "models"), "--seeds", "0",
+        "--forget", "1", "2,3", "--shots", "3", "--probe-per-class", "4", "--train-per-class", "16", "--epochs", "1",
+    ])  # fmt: skip
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["forget"] for row in rows] == ["1", "2,3"]
+    for row in rows:
+        for source in probe_projection.SOURCES:
+            assert set(row[source]) == {"probe_forget_acc", "probe_retain_acc", "retain_acc"}
+    assert (out / "results.md").read_text().count("\n| 0 |") == 2
 
 
 def _report(seed: int, rows: dict[str, dict[str, float]]) -> dict:
