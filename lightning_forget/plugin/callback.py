@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_forget.plugin.attack import RetainAttack, retain_only_attack
 from lightning_forget.plugin.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
 from lightning_forget.plugin.classes import check_already_forgotten, check_forget_classes
 from lightning_forget.plugin.features import captured_inputs, final_linear
@@ -181,6 +182,12 @@ class ClassForgetting(Callback):
             random augmentation cannot be held back from: pass ``verdict_data`` then.
         verdict_data: batches, in the training batches' format, of samples the fit does not train
             on, for the verdict; ``holdout`` is then not used.
+        attack_epochs: at fit end, a copy of the weights is fine-tuned this many passes over the
+            fit's remaining-class samples alone (Adam, ``attack_lr``; the module is not touched) and
+            its accuracy on every forgotten-class sample at hand is measured after each: a class
+            that comes back from other classes' samples (more than ``criterion.max_attack_acc``)
+            was hidden, not removed, and the verdict says NOT forgotten. 0 skips the check.
+        attack_lr: the learning rate of that fine-tuning.
         already_forgotten: classes an earlier request forgot (a model that comes from a forgetting:
             see :func:`~lightning_forget.plugin.record.forgotten_before`), kept forgotten: the objective, the
             stop rule and the verdict treat them as forgotten classes (their samples, where the data
@@ -215,6 +222,8 @@ class ClassForgetting(Callback):
         impair_keep: float = DEFAULT_IMPAIR_KEEP,
         holdout: int = 1,
         verdict_data: Iterable[Any] | None = None,
+        attack_epochs: int = 5,
+        attack_lr: float = 1e-3,
         already_forgotten: Sequence[int] = (),
         previous_record: Mapping[str, Any] | str | None = None,
     ) -> None:
@@ -258,6 +267,11 @@ class ClassForgetting(Callback):
             raise ValueError(f"holdout must be an integer >= 0, got {holdout!r}.")
         self.holdout = holdout
         self.verdict_data = verdict_data
+        if isinstance(attack_epochs, bool) or not isinstance(attack_epochs, int) or attack_epochs < 0:
+            raise ValueError(f"attack_epochs must be an integer >= 0, got {attack_epochs!r}.")
+        if isinstance(attack_lr, bool) or not isinstance(attack_lr, (int, float)) or not attack_lr > 0:
+            raise ValueError(f"attack_lr must be a number > 0, got {attack_lr!r}.")
+        self.attack_epochs, self.attack_lr = attack_epochs, attack_lr
         self.verdict: Verdict | None = None
         self._held_back: HeldBack | None = None
         self._judged_on: tuple[str, Iterable[Any], BatchFormat] | None = None
@@ -801,13 +815,15 @@ class ClassForgetting(Callback):
         if not not_judged and (after is None or before is None or not after.forget_samples or not after.retain_samples):
             not_judged = "the judged samples hold no forgotten-class or no remaining-class sample"
         judged_on = "" if not_judged else self._judged_on[0]
+        attack = self._attack(trainer, pl_module)
+        came_back = self.criterion.attack_shortfalls(attack)
         if not_judged:
             # A "no" needs no unseen sample: what falls short on the trained samples falls short anyway.
-            shortfalls = self.criterion.shortfalls(self._before, trained)
+            shortfalls = self.criterion.shortfalls(self._before, trained) + came_back
             if shortfalls:
                 before, after, not_judged, judged_on = self._before, trained, "", "trained"
         else:
-            shortfalls = self.criterion.shortfalls(before, after, unseen=True)
+            shortfalls = self.criterion.shortfalls(before, after, unseen=True) + came_back
         self._fit_ended = True
         self.verdict = Verdict(
             forgotten=not not_judged and not shortfalls,
@@ -819,6 +835,7 @@ class ClassForgetting(Callback):
             judged_on=judged_on,
             not_judged=not_judged,
             trained=trained,
+            attack=attack,
         )
         outcome = 1.0 if self.verdict.forgotten else (float("nan") if not_judged else 0.0)
         for logger in trainer.loggers:  # self.log is not allowed in on_train_end
@@ -830,12 +847,32 @@ class ClassForgetting(Callback):
                 if self.objective is not None
                 else "your training_step's loss does not remove the classes: leave objective at its default"
             )
+            if came_back and self.objective is not None:
+                advice += ", and keep impair on (it damages what hides them before the repair)"
             message += f" To forget them: {advice}."
         # Through logging (seen where warnings are filtered) and, when it is not a yes, as a warning too.
         if trainer.is_global_zero:
             log.log(logging.INFO if self.verdict.forgotten else logging.WARNING, message)
         if not self.verdict.forgotten:
             rank_zero_warn(message)
+
+    def _attack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RetainAttack | None:
+        """The retain-only attack on a copy, judged on every forgotten-class sample at hand; ``None`` when off."""
+        if not self.attack_epochs:
+            return None
+        train = (self._samples, self._sample_format)
+        judged = [train] + ([self._judged_on[1:]] if self._judged_on is not None else [])
+        return retain_only_attack(
+            pl_module,
+            train,
+            judged,
+            self.forgotten_so_far,
+            epochs=self.attack_epochs,
+            lr=self.attack_lr,
+            context=trainer.precision_plugin.forward_context,
+            convert=trainer.precision_plugin.convert_input,
+            reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+        )
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -872,12 +909,14 @@ class ClassForgetting(Callback):
             "masks": "given" if self._given is not None else "scored",
             "scoring_data": "given" if self.scoring_data is not None else "the training dataloader",
             "verdict_data": "given" if self.verdict_data is not None else None,
+            "attack_epochs": self.attack_epochs,
+            "attack_lr": self.attack_lr,
             "optimizers": self._optimizers,
             "max_epochs": trainer.max_epochs,
             "precision": trainer.precision,
             "world_size": trainer.world_size,
         }
-        evidence = {k: getattr(verdict, k) for k in ("before", "after", "trained", "judged_on", "epochs")}
+        evidence = {k: getattr(verdict, k) for k in ("before", "after", "trained", "judged_on", "epochs", "attack")}
         return make_record(
             input_state=self._input_sha256,
             output_state=pl_module.state_dict(),

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_forget.plugin.attack import RetainAttack
 from lightning_forget.plugin.batches import BatchFormat, check_targets
 
 
@@ -50,12 +51,17 @@ class ForgetCriterion:
     is 0.11), since their own-class probability, a finer measure, still may fall by
     ``max_retain_drop`` only. Measured on the robustness matrix (``bench/results/robustness``).
 
+    A class that is removed does not come back when a copy is fine-tuned on the other classes'
+    samples alone (the retain-only attack, :mod:`~lightning_forget.plugin.attack`); a class hidden by
+    a fragile balance of weights does. A retrained model stays at 0 there: ``max_attack_acc`` bounds it.
+
     Args:
         max_forget_acc: highest accuracy allowed on the forgotten-class samples.
         max_forget_mass: highest mean probability of the forgotten classes on their samples.
         max_retain_drop: largest allowed fall, from the start of the fit, of the remaining-class
             accuracy and of their mean own-class probability.
         max_unseen_forget_mass: ``max_forget_mass`` for samples the fit did not train on.
+        max_attack_acc: highest forgotten-class accuracy the retain-only attack may bring back.
 
     Raises:
         ValueError: for a value outside [0, 1].
@@ -65,9 +71,11 @@ class ForgetCriterion:
     max_forget_mass: float = 0.01
     max_retain_drop: float = 0.03
     max_unseen_forget_mass: float = 0.05
+    max_attack_acc: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("max_forget_acc", "max_forget_mass", "max_retain_drop", "max_unseen_forget_mass"):
+        names = ("max_forget_acc", "max_forget_mass", "max_retain_drop", "max_unseen_forget_mass", "max_attack_acc")
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
@@ -94,6 +102,17 @@ class ForgetCriterion:
                 missing.append(f"remaining-class {what} fell from {start:.3f} to {end:.3f} (more than {allowed:.3g})")
         return missing
 
+    def attack_shortfalls(self, attack: RetainAttack | None) -> list[str]:
+        """What the retain-only attack shows, in words; empty when the classes did not come back, were not gone when
+        it started (the other shortfalls say so), or no attack ran."""
+        if attack is None or attack.start > self.max_attack_acc or attack.acc <= self.max_attack_acc:
+            return []
+        return [
+            f"the forgotten classes came back to {attack.acc:.3f} accuracy on their {attack.samples} samples after "
+            f"{attack.steps} fine-tuning steps on the remaining-class samples alone (retain-only attack; more than "
+            f"{self.max_attack_acc}): they are hidden, not removed"
+        ]
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -112,6 +131,7 @@ class Verdict:
             already show: it needs no unseen sample), or ``""`` when not judged.
         not_judged: why the fit could not be judged on unseen samples (empty when judged).
         trained: the evidence on the samples the fit trained on, at the end.
+        attack: what the retain-only attack on a copy reached (``None`` when not run).
     """
 
     forgotten: bool
@@ -123,6 +143,7 @@ class Verdict:
     judged_on: str = ""
     not_judged: str = ""
     trained: Evidence | None = None
+    attack: RetainAttack | None = None
 
     @property
     def judged(self) -> bool:
@@ -137,9 +158,16 @@ class Verdict:
             if trained is not None
             else ""
         )
+        attack = self.attack
+        attacked = (
+            f"retain-only attack: forgotten-class accuracy at most {attack.acc:.3f} on {attack.samples} samples "
+            f"over {attack.steps} steps; "
+            if attack is not None
+            else ""
+        )
         if not self.judged:
             return (
-                f"Classes {self.forget_classes} NOT JUDGED on unseen samples: {self.not_judged} ({seen}"
+                f"Classes {self.forget_classes} NOT JUDGED on unseen samples: {self.not_judged} ({seen}{attacked}"
                 f"{self.epochs} epochs)."
             )
         b, a = self.before, self.after
@@ -152,7 +180,7 @@ class Verdict:
             f"on {a.forget_samples} forgotten-class / {a.retain_samples} remaining-class {judged}: forgotten-class "
             f"accuracy {b.forget_acc:.3f} -> {a.forget_acc:.3f}, probability {b.forget_mass:.3f} -> "
             f"{a.forget_mass:.4f}; remaining-class accuracy {b.retain_acc:.3f} -> {a.retain_acc:.3f}; {seen}"
-            f"{self.epochs} epochs"
+            f"{attacked}{self.epochs} epochs"
         )
         if self.forgotten:
             return f"Classes {self.forget_classes} forgotten ({figures})."
