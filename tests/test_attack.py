@@ -83,13 +83,17 @@ def test_the_verdict_says_not_forgotten_when_the_class_comes_back_from_the_other
         assert verdict.attack is None
 
 
-def test_the_default_fit_reports_the_attack_in_its_verdict():
-    torch.manual_seed(0)
-    callback = ClassForgetting([1])
-    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(Idle(tiny_net()), tiny_loader())
-    attack = callback.verdict.attack
-    assert attack is not None and attack.steps > 0 and attack.samples > 0
-    assert f"retain-only attack: forgotten-class accuracy at most {attack.acc:.3f}" in str(callback.verdict)
+def test_the_default_fit_reports_the_attack_in_its_verdict_and_leaves_the_random_draws_as_they_were():
+    callbacks, after = {}, {}
+    for epochs in (5, 0):  # 5: the default
+        torch.manual_seed(0)
+        callbacks[epochs] = ClassForgetting([1], attack_epochs=epochs)
+        quiet_trainer(max_epochs=2, callbacks=[callbacks[epochs]]).fit(Idle(tiny_net()), tiny_loader())
+        after[epochs] = torch.rand(3)
+    attack = callbacks[5].verdict.attack
+    assert attack is not None and attack.steps > 0 and attack.samples > 0 and callbacks[0].verdict.attack is None
+    assert f"retain-only attack: forgotten-class accuracy at most {attack.acc:.3f}" in str(callbacks[5].verdict)
+    assert torch.equal(after[5], after[0]), "the attack's shuffled passes moved the caller's random stream"
 
 
 @pytest.mark.parametrize(

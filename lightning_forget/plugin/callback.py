@@ -862,17 +862,18 @@ class ClassForgetting(Callback):
             return None
         train = (self._samples, self._sample_format)
         judged = [train] + ([self._judged_on[1:]] if self._judged_on is not None else [])
-        return retain_only_attack(
-            pl_module,
-            train,
-            judged,
-            self.forgotten_so_far,
-            epochs=self.attack_epochs,
-            lr=self.attack_lr,
-            context=trainer.precision_plugin.forward_context,
-            convert=trainer.precision_plugin.convert_input,
-            reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
-        )
+        with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from it: the user's next draws stay theirs
+            return retain_only_attack(
+                pl_module,
+                train,
+                judged,
+                self.forgotten_so_far,
+                epochs=self.attack_epochs,
+                lr=self.attack_lr,
+                context=trainer.precision_plugin.forward_context,
+                convert=trainer.precision_plugin.convert_input,
+                reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+            )
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
