@@ -13,6 +13,7 @@ from lightning_forget.evaluation.evidence import (
 from lightning_forget.evaluation.forgetting import evaluate_forgetting
 from lightning_forget.evaluation.metrics import membership_inference
 from lightning_forget.plugin.accuracy import SubsetAccuracy
+from lightning_forget.plugin.attack import RetainAttack
 from lightning_forget.plugin.callback import ClassForgetting
 from lightning_forget.plugin.classes import check_forget_classes, remaining_classes
 from lightning_forget.plugin.few_shot import dataset_labels, few_shot_subset
@@ -35,6 +36,7 @@ __all__ = [
     "ParameterChange",
     "ProbeSettings",
     "RelearnSettings",
+    "RetainAttack",
     "StepGate",
     "SubsetAccuracy",
     "Verdict",
