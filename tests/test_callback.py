@@ -227,3 +227,7 @@ def test_every_fit_ends_with_a_logged_verdict_and_a_warning_naming_the_fix_when_
     logged = (tmp_path / "metrics.csv").read_text().splitlines()
     column = logged[0].split(",").index("forget/verdict")
     assert [float(row.split(",")[column]) for row in logged[1:] if row.split(",")[column]] == [forgotten]
+    attacked = logged[0].split(",").index("forget/attack_acc")
+    assert [float(row.split(",")[attacked]) for row in logged[1:] if row.split(",")[attacked]] == [
+        callback.verdict.attack.acc
+    ]

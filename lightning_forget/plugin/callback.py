@@ -838,8 +838,9 @@ class ClassForgetting(Callback):
             attack=attack,
         )
         outcome = 1.0 if self.verdict.forgotten else (float("nan") if not_judged else 0.0)
+        ended = {"forget/verdict": outcome} | ({"forget/attack_acc": attack.acc} if attack is not None else {})
         for logger in trainer.loggers:  # self.log is not allowed in on_train_end
-            logger.log_metrics({"forget/verdict": outcome}, step=trainer.global_step)
+            logger.log_metrics(ended, step=trainer.global_step)
         message = f"ClassForgetting: {self.verdict}"
         if not self.verdict.forgotten and not not_judged:
             advice = (
