@@ -13,7 +13,6 @@ from lightning_forget.evaluation.evidence import (
 from lightning_forget.evaluation.forgetting import evaluate_forgetting
 from lightning_forget.evaluation.metrics import membership_inference
 from lightning_forget.plugin.accuracy import SubsetAccuracy
-from lightning_forget.plugin.attack import RetainAttack
 from lightning_forget.plugin.callback import ClassForgetting
 from lightning_forget.plugin.classes import check_forget_classes, remaining_classes
 from lightning_forget.plugin.few_shot import dataset_labels, few_shot_subset
@@ -22,7 +21,7 @@ from lightning_forget.plugin.module import ClassifierModule, ForgettingModule
 from lightning_forget.plugin.objective import ForgettingObjective
 from lightning_forget.plugin.record import check_record, forgotten_before, record_digest, state_digest, write_record
 from lightning_forget.plugin.relevance import relevance_scores
-from lightning_forget.plugin.verdict import Evidence, ForgetCriterion, Verdict
+from lightning_forget.plugin.verdict import Evidence, ForgetCriterion, RetainAttack, Verdict
 
 __all__ = [
     "ClassForgetting",

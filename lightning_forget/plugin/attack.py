@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,23 +13,7 @@ from torch.func import functional_call
 
 from lightning_forget.plugin.batches import BatchFormat
 from lightning_forget.plugin.relevance import eval_mode
-
-
-@dataclass(frozen=True)
-class RetainAttack:
-    """What a retain-only attack reached.
-
-    Attributes:
-        start: the forgotten-class accuracy before the fine-tuning.
-        acc: the highest forgotten-class accuracy of the copy, before training and after every epoch.
-        samples: forgotten-class samples it was measured on.
-        steps: optimizer steps on remaining-class samples.
-    """
-
-    start: float
-    acc: float
-    samples: int
-    steps: int
+from lightning_forget.plugin.verdict import RetainAttack, measure
 
 
 def retain_only_attack(
@@ -70,35 +53,29 @@ def retain_only_attack(
     trainable = [p for p in params.values() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr) if trainable else None
 
-    def forward(inputs: Tensor, fmt: BatchFormat) -> Tensor:
+    def output(inputs: Tensor) -> Any:
         with context():
-            return fmt.logits_of(functional_call(module, state, (convert(inputs.to(device)),))).float()
+            return functional_call(module, state, (convert(inputs.to(device)),))
 
-    @torch.no_grad()
     def accuracy() -> tuple[float, int]:
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for batches, fmt in judged:
-            for batch in batches:
-                inputs, targets = fmt.split(batch)
-                rows = torch.isin(targets.to(device), forgotten)
-                if rows.any():
-                    hits = forward(inputs[rows.to(inputs.device)], fmt).argmax(-1) == targets.to(device)[rows]
-                    sums += torch.stack([hits.sum(), rows.sum()]).to(sums)
-        correct, count = reduce(sums).tolist()
-        return correct / max(count, 1), int(count)
+        # The verdict's own measure, so that "forgotten-class accuracy" means the same in both.
+        seen = [measure(output, b, forget_classes, batch_format=f, device=device, reduce=reduce) for b, f in judged]
+        count = sum(e.forget_samples for e in seen)
+        return sum(round(e.forget_acc * e.forget_samples) for e in seen) / max(count, 1), count
 
     steps = 0
     with eval_mode(module):
         start, samples = accuracy()
         best = start
+        batches, fmt = train
         for _ in range(epochs if optimizer is not None else 0):
-            batches, fmt = train
             for batch in batches:
                 inputs, targets = fmt.split(batch)
                 rows = ~torch.isin(targets.to(device), forgotten)
                 if not rows.any():
                     continue
-                loss = F.cross_entropy(forward(inputs[rows.to(inputs.device)], fmt), targets.to(device)[rows])
+                logits = fmt.logits_of(output(inputs[rows.to(inputs.device)])).float()
+                loss = F.cross_entropy(logits, targets.to(device)[rows])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_forget.plugin.attack import RetainAttack, retain_only_attack
+from lightning_forget.plugin.attack import retain_only_attack
 from lightning_forget.plugin.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
 from lightning_forget.plugin.classes import check_already_forgotten, check_forget_classes
 from lightning_forget.plugin.features import captured_inputs, final_linear
@@ -55,7 +55,7 @@ from lightning_forget.plugin.record import (
     utc_now,
 )
 from lightning_forget.plugin.relevance import SCORES, Score, eval_mode, relevance_scores
-from lightning_forget.plugin.verdict import Evidence, ForgetCriterion, Verdict, measure
+from lightning_forget.plugin.verdict import Evidence, ForgetCriterion, RetainAttack, Verdict, measure
 
 try:  # Lightning >= 2.5
     from lightning.pytorch.callbacks import WeightAveraging

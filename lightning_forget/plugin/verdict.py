@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_forget.plugin.attack import RetainAttack
 from lightning_forget.plugin.batches import BatchFormat, check_targets
 
 
@@ -31,6 +30,23 @@ class Evidence:
     retain_confidence: float
     forget_samples: int
     retain_samples: int
+
+
+@dataclass(frozen=True)
+class RetainAttack:
+    """What a retain-only attack reached.
+
+    Attributes:
+        start: the forgotten-class accuracy before the fine-tuning.
+        acc: the highest forgotten-class accuracy of the copy, before training and after every epoch.
+        samples: forgotten-class samples it was measured on.
+        steps: optimizer steps on remaining-class samples.
+    """
+
+    start: float
+    acc: float
+    samples: int
+    steps: int
 
 
 @dataclass(frozen=True)
