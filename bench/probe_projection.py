@@ -42,13 +42,13 @@ SOURCES = ("as is", "few shots", "oracle")
 
 
 @contextmanager
-def changed(model: nn.Module, layer: str | None, change: nn.Module | None) -> Iterator[None]:
+def changed(model: nn.Module, num_classes: int, layer: str | None, change: nn.Module | None) -> Iterator[None]:
     """Within the block, ``change`` maps ``layer``'s output (``None``: the final linear layer's input)."""
     if change is None:
         yield
         return
     if layer is None:
-        head = final_linear(model, model_classes(model))[1]
+        head = final_linear(model, num_classes)[1]
         handle = head.register_forward_pre_hook(lambda _m, inputs: (change(inputs[0]), *inputs[1:]))
     else:
         handle = dict(model.named_modules())[layer].register_forward_hook(lambda _m, _i, output: change(output))
@@ -90,14 +90,10 @@ def projection_from(means: Tensor, labels: Tensor, forgotten: list[int]) -> Proj
     return Projection(torch.stack([means[labels == c].mean(0) - center for c in forgotten], 1), center)
 
 
-def model_classes(model: nn.Module) -> int:
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-
-
-def recorded(model: nn.Module, layer: str | None, dataset: Dataset) -> tuple[Tensor, Tensor]:
+def recorded(model: nn.Module, num_classes: int, layer: str | None, dataset: Dataset) -> tuple[Tensor, Tensor]:
     recorder = Recorder()
-    with changed(model, layer, recorder):
-        _, _, labels = features_and_logits(model, dataset, model_classes(model))
+    with changed(model, num_classes, layer, recorder):
+        _, _, labels = features_and_logits(model, dataset, num_classes)
     return torch.cat(recorder.seen), labels
 
 
@@ -118,14 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         original, _ = original_of(protocol, data, recipe, cache, seed)
         few_shot = few_shot_subset(data.train, args.shots, seed=seed)
         probe_train = draw_per_class(data.train_eval, args.probe_per_class, seed, few_shot.indices)
-        shots = recorded(original, args.layer, Subset(data.train_eval, few_shot.indices))
-        oracle = recorded(original, args.layer, probe_train)
+        shots = recorded(original, n, args.layer, Subset(data.train_eval, few_shot.indices))
+        oracle = recorded(original, n, args.layer, probe_train)
         for spec in args.forget:
             forgotten = resolve_classes(spec.split(","), data.class_names)
             row = {"seed": seed, "forget": spec}
             for source, seen in zip(SOURCES, (None, shots, oracle)):
                 change = None if seen is None else projection_from(*seen, forgotten)
-                with changed(original, args.layer, change):
+                with changed(original, n, args.layer, change):
                     x_train, _, y_train = features_and_logits(original, probe_train, n)
                     x_test, logits, y_test = features_and_logits(original, data.test, n)
                 row[source] = probe_on_features(x_train, y_train, x_test, y_test, forgotten, n)
