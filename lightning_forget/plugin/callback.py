@@ -681,6 +681,9 @@ class ClassForgetting(Callback):
                 known = teacher_logits.float().masked_fill(torch.isnan(prototypes[:, 0]), float("-inf"))
                 known[:, classes] = float("-inf")
                 feature_targets = prototypes[known.argmax(-1)].to(logits.device)
+            relearned = None
+            if objective.relearn_weight:
+                relearned = _relearned_logits(pl_module, fmt, inputs[:batch_size], logits, targets, classes, objective)
             terms = objective(
                 logits,
                 teacher_logits,
@@ -689,6 +692,7 @@ class ClassForgetting(Callback):
                 features=features[0] if features else None,
                 feature_targets=feature_targets,
                 mixed=mixed,
+                relearned=relearned,
             )
             pl_module.log_dict({f"forget/{k}": v for k, v in terms.items() if k != "loss"})
             pl_module.log("forget/loss", terms["loss"], prog_bar=True)
@@ -1104,6 +1108,36 @@ def _impair(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], shrink: f
         mask = masks.get(name)
         if mask is not None and mask.any():
             p.copy_(torch.where(mask.to(p.device), p * (1 - shrink), p))
+
+
+def _relearned_logits(
+    pl_module: pl.LightningModule,
+    fmt: BatchFormat,
+    inputs: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    classes: Sequence[int],
+    objective: ForgettingObjective,
+) -> Tensor | None:
+    """Logits of the forgotten-class rows one simulated relearn step away (``None``: no such row or no gradient).
+
+    The step follows the rows' true-label cross-entropy down, over every trainable entry (a relearn attack
+    moves them all), and is detached: the gradient reaches the entries through the evaluation point only.
+    """
+    rows = torch.isin(targets, torch.as_tensor(list(classes), device=targets.device))
+    params = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+    if not rows.any() or not params:
+        return None
+    loss = nn.functional.cross_entropy(logits[rows].float(), targets[rows])
+    grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+    moved = [(name, p, g) for (name, p), g in zip(params.items(), grads) if g is not None]
+    grad_norm = torch.sqrt(sum(g.float().square().sum() for _, _, g in moved))
+    if not grad_norm > 0:
+        return None
+    with torch.no_grad():
+        step = objective.relearn_radius * torch.sqrt(sum(p.float().square().sum() for _, p, _ in moved)) / grad_norm
+    stepped = {name: p - (step * g).to(p.dtype) for name, p, g in moved}
+    return fmt.logits_of(functional_call(pl_module, stepped, (inputs[rows.to(inputs.device)],)))
 
 
 def _mixtures(inputs: Tensor) -> Tensor:

@@ -45,6 +45,14 @@ class ForgettingObjective:
     those points, while mixtures cover the space between them, so the remaining classes are kept
     and the forgotten ones removed in their neighbourhood, not only on the samples.
 
+    With ``relearn_weight`` > 0 and ``relearned`` logits given, forgotten-class samples also pay the
+    forget loss at a point one simulated relearn step away: the callback moves every trainable entry
+    down the gradient of their true-label cross-entropy, by ``relearn_radius`` times the entries'
+    norm, and evaluates them there (first-order, as sharpness-aware minimisation evaluates its
+    gradient at the worst point of a ball: Foret et al., ICLR 2021; for unlearning, Fan et al., ICML
+    2025, arXiv 2502.05374). A class that one fine-tuning step would bring back pays for it, so the fit
+    keeps going until the neighbourhood, not only the point, has forgotten it.
+
     Each term is a mean over its own samples (a batch without such samples adds 0), and the
     loss is their weighted mean, so that its scale is that of one cross-entropy whatever the
     weights: an SGD learning rate that trains the model also forgets with it.
@@ -69,6 +77,8 @@ class ForgettingObjective:
     distill_target: DistillTarget = "renormalized"
     feature_weight: float = 0.0
     mix_weight: float = 0.0
+    relearn_weight: float = 0.0
+    relearn_radius: float = 0.05
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:
@@ -79,6 +89,7 @@ class ForgettingObjective:
         weights["forget_weight"] = self.forget_weight
         weights["feature_weight"] = self.feature_weight
         weights["mix_weight"] = self.mix_weight
+        weights["relearn_weight"] = self.relearn_weight
         bad = {k: v for k, v in weights.items() if not _is_number(v) or v < 0}
         if bad:
             raise ValueError(f"Loss weights must be numbers >= 0, got {bad}.")
@@ -86,6 +97,8 @@ class ForgettingObjective:
             raise ValueError("At least one loss weight must be > 0: all are 0.")
         if not _is_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}.")
+        if not _is_number(self.relearn_radius) or self.relearn_radius <= 0:
+            raise ValueError(f"relearn_radius must be a number > 0, got {self.relearn_radius!r}.")
 
     def __call__(
         self,
@@ -96,11 +109,15 @@ class ForgettingObjective:
         features: Tensor | None = None,
         feature_targets: Tensor | None = None,
         mixed: tuple[Tensor, Tensor] | None = None,
+        relearned: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget``, ``feature`` and ``mix``.
+        """Return the ``loss`` and its unweighted terms ``retain``, ``distill``, ``forget``, ``feature``, ``mix``
+        and ``relearn``.
 
         ``features`` and ``feature_targets`` (``(batch, dim)``) are used only with ``feature_weight`` > 0;
-        ``mixed`` (the student's and the teacher's logits on mixed inputs) only with ``mix_weight`` > 0.
+        ``mixed`` (the student's and the teacher's logits on mixed inputs) only with ``mix_weight`` > 0;
+        ``relearned`` (the student's logits on the forgotten-class rows, in batch order, one relearn step
+        away) only with ``relearn_weight`` > 0.
         """
         logits, teacher_logits = logits.float(), teacher_logits.float()
         is_forgotten = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -108,7 +125,7 @@ class ForgettingObjective:
         forget_rows = is_forgotten[targets]
         retain_rows = ~forget_rows
         zero = logits.sum() * 0.0
-        retain = distill = forget = feature = mix = zero
+        retain = distill = forget = feature = mix = relearn = zero
         if retain_rows.any():
             retain = F.cross_entropy(logits[retain_rows], targets[retain_rows])
             teacher = teacher_logits[retain_rows]
@@ -124,8 +141,18 @@ class ForgettingObjective:
             if self.feature_weight and features is not None and feature_targets is not None:
                 f, t = features[rows].float(), feature_targets[rows].float()
                 feature = ((f - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
-        weights = (self.retain_weight, self.distill_weight, self.forget_weight, self.feature_weight, self.mix_weight)
+            if self.relearn_weight and relearned is not None:
+                relearn = self._forget_term(relearned.float(), teacher_logits[rows], targets[rows], is_forgotten)
+        weights = (
+            self.retain_weight,
+            self.distill_weight,
+            self.forget_weight,
+            self.feature_weight,
+            self.mix_weight,
+            self.relearn_weight,
+        )
         terms = {"retain": retain, "distill": distill, "forget": forget, "feature": feature, "mix": mix}
+        terms["relearn"] = relearn
         loss = sum(w * t for w, t in zip(weights, terms.values())) / sum(weights)
         return {"loss": loss, **{k: t.detach() for k, t in terms.items()}}
 
