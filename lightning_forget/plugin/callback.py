@@ -72,7 +72,15 @@ DEFAULT_OBJECTIVE = ForgettingObjective()
 DEFAULT_CRITERION = ForgetCriterion()
 DEFAULT_PATIENCE = 5
 # What the callback logs with ``self.log`` during a fit (see ClassForgetting's docstring): the keys a monitor can use.
-LOGGED_EACH_STEP = ("forget/loss", "forget/retain", "forget/distill", "forget/forget", "forget/feature", "forget/mix")
+LOGGED_EACH_STEP = (
+    "forget/loss",
+    "forget/retain",
+    "forget/distill",
+    "forget/forget",
+    "forget/feature",
+    "forget/mix",
+    "forget/relearn",
+)
 LOGGED_EACH_EPOCH = ("forget/samples_forget_acc", "forget/samples_forget_mass", "forget/samples_retain_acc")
 
 
