@@ -1134,9 +1134,6 @@ def _relearned_logits(
     """
     rows = torch.isin(targets, torch.as_tensor(list(classes), device=targets.device))
     params = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
-    if objective.relearn_scope == "head":
-        head = set(final_linear(pl_module, logits.shape[-1])[1].parameters())
-        params = {name: p for name, p in params.items() if p in head}
     if not rows.any() or not params:
         return None
     loss = nn.functional.cross_entropy(logits[rows].float(), targets[rows])

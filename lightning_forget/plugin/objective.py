@@ -79,7 +79,6 @@ class ForgettingObjective:
     mix_weight: float = 0.0
     relearn_weight: float = 0.0
     relearn_radius: float = 0.05
-    relearn_scope: Literal["all", "head"] = "all"
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:
