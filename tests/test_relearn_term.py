@@ -26,30 +26,31 @@ def test_the_relearn_term_is_the_forget_loss_at_the_relearned_logits_and_only_wi
 
 def test_the_simulated_step_brings_the_class_back_by_the_radius_and_leaves_the_module_untouched():
     torch.manual_seed(TEST_SEED)
-    net = tiny_net().eval()  # BatchNorm statistics frozen, as the callback keeps them
-    before = copy.deepcopy(net.state_dict())
+    net = tiny_net()
     x, y = next(iter(tiny_loader(batch_size=24)))
-    logits = net(x)
-    objective = ForgettingObjective(relearn_weight=1.0, relearn_radius=0.05)
-    relearned = _relearned_logits(net, BatchFormat(), x, logits, y, [1], objective)
     rows = y == 1
+    with torch.no_grad():
+        at_point = net.eval()(x)[rows]
+    net.train()  # the simulated step must leave the mode and the BatchNorm statistics as they are
+    before = copy.deepcopy(net.state_dict())
+    relearned = _relearned_logits(net, BatchFormat(), x, y, [1], ForgettingObjective(relearn_radius=0.05))
     assert relearned.shape == (int(rows.sum()), 4)
-    lift = torch.nn.functional.cross_entropy(logits[rows], y[rows]) - torch.nn.functional.cross_entropy(
-        relearned, y[rows]
-    )
+    cross_entropy = torch.nn.functional.cross_entropy
+    lift = cross_entropy(at_point, y[rows]) - cross_entropy(relearned, y[rows])
     assert lift > 0, "one relearn step must lower the forgotten samples' true-label loss"
     relearned.sum().backward()
     assert all(p.grad is not None for p in net.parameters()), "the gradient must reach the entries"
     assert all(torch.equal(before[n], t) for n, t in net.state_dict().items())
-    bigger = _relearned_logits(net, BatchFormat(), x, net(x), y, [1], ForgettingObjective(relearn_radius=0.2))
-    assert torch.nn.functional.cross_entropy(bigger, y[rows]) < torch.nn.functional.cross_entropy(relearned, y[rows])
+    assert net.training
+    bigger = _relearned_logits(net, BatchFormat(), x, y, [1], ForgettingObjective(relearn_radius=0.2))
+    assert cross_entropy(bigger, y[rows]) < cross_entropy(relearned, y[rows])
 
 
 def test_a_batch_without_forgotten_samples_pays_no_relearn_term():
     net = tiny_net()
     x, y = next(iter(tiny_loader(batch_size=24)))
     keep = y != 1
-    assert _relearned_logits(net, BatchFormat(), x[keep], net(x[keep]), y[keep], [1], ForgettingObjective()) is None
+    assert _relearned_logits(net, BatchFormat(), x[keep], y[keep], [1], ForgettingObjective()) is None
 
 
 def test_a_fit_with_the_relearn_term_forgets_and_changes_no_entry_outside_the_mask(trained_net):

@@ -691,7 +691,7 @@ class ClassForgetting(Callback):
                 feature_targets = prototypes[known.argmax(-1)].to(logits.device)
             relearned = None
             if objective.relearn_weight:
-                relearned = _relearned_logits(pl_module, fmt, inputs[:batch_size], logits, targets, classes, objective)
+                relearned = _relearned_logits(pl_module, fmt, inputs[:batch_size], targets, classes, objective)
             terms = objective(
                 logits,
                 teacher_logits,
@@ -1122,7 +1122,6 @@ def _relearned_logits(
     pl_module: pl.LightningModule,
     fmt: BatchFormat,
     inputs: Tensor,
-    logits: Tensor,
     targets: Tensor,
     classes: Sequence[int],
     objective: ForgettingObjective,
@@ -1131,21 +1130,26 @@ def _relearned_logits(
 
     The step follows the rows' true-label cross-entropy down, over every trainable entry (a relearn attack
     moves them all), and is detached: the gradient reaches the entries through the evaluation point only.
+    Both forwards see the forgotten rows alone, in eval mode: a few samples' worth of compute, and no
+    BatchNorm statistics or dropout draws of the fit's own step are touched.
     """
     rows = torch.isin(targets, torch.as_tensor(list(classes), device=targets.device))
     params = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
     if not rows.any() or not params:
         return None
-    loss = nn.functional.cross_entropy(logits[rows].float(), targets[rows])
-    grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
-    moved = [(name, p, g) for (name, p), g in zip(params.items(), grads) if g is not None]
-    grad_norm = torch.sqrt(sum(g.float().square().sum() for _, _, g in moved))
-    if not grad_norm > 0:
-        return None
-    with torch.no_grad():
-        step = objective.relearn_radius * torch.sqrt(sum(p.float().square().sum() for _, p, _ in moved)) / grad_norm
-    stepped = {name: p - (step * g).to(p.dtype) for name, p, g in moved}
-    return fmt.logits_of(functional_call(pl_module, stepped, (inputs[rows.to(inputs.device)],)))
+    inputs, targets = inputs[rows.to(inputs.device)], targets[rows]
+    with eval_mode(pl_module):
+        loss = nn.functional.cross_entropy(fmt.logits_of(pl_module(inputs)).float(), targets)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        moved = [(name, p, g) for (name, p), g in zip(params.items(), grads) if g is not None]
+        grad_norm = torch.sqrt(sum(g.float().square().sum() for _, _, g in moved))
+        if not grad_norm > 0:
+            return None
+        with torch.no_grad():
+            norm = torch.sqrt(sum(p.float().square().sum() for _, p, _ in moved))
+            step = objective.relearn_radius * norm / grad_norm
+        stepped = {name: p - (step * g).to(p.dtype) for name, p, g in moved}
+        return fmt.logits_of(functional_call(pl_module, stepped, (inputs,)))
 
 
 def _mixtures(inputs: Tensor) -> Tensor:
