@@ -151,8 +151,14 @@ class ForgettingObjective:
             self.mix_weight,
             self.relearn_weight,
         )
-        terms = {"retain": retain, "distill": distill, "forget": forget, "feature": feature, "mix": mix}
-        terms["relearn"] = relearn
+        terms = {
+            "retain": retain,
+            "distill": distill,
+            "forget": forget,
+            "feature": feature,
+            "mix": mix,
+            "relearn": relearn,
+        }
         loss = sum(w * t for w, t in zip(weights, terms.values())) / sum(weights)
         return {"loss": loss, **{k: t.detach() for k, t in terms.items()}}
 
