@@ -17,8 +17,10 @@ def clean_env() -> dict[str, str]:
 
 
 @pytest.mark.ddp
-def test_ddp_ranks_hold_identical_masks_and_keep_unmasked_entries(tmp_path):
-    subprocess.run([sys.executable, str(TESTS / "ddp_fit.py"), str(tmp_path)], env=clean_env(), check=True, timeout=300)
+@pytest.mark.parametrize("relearn_weight", [0.0, 1.0], ids=["default_objective", "relearn_term"])
+def test_ddp_ranks_hold_identical_masks_and_keep_unmasked_entries(tmp_path, relearn_weight):
+    script = [sys.executable, str(TESTS / "ddp_fit.py"), str(tmp_path), str(relearn_weight)]
+    subprocess.run(script, env=clean_env(), check=True, timeout=300)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert set(rank0["masks"]) == set(rank1["masks"])
     for name, mask in rank0["masks"].items():
