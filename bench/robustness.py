@@ -15,7 +15,8 @@ on the test set:
 A cell passes when forget_acc <= 0.05 and retain_acc >= the original's - 0.03. The script
 prints one line per cell and writes ``results.json`` and ``results.md`` (pass rate, every
 failing cell) into ``--out``. ``--callback-kwargs``/``--module-kwargs`` (JSON) try other
-settings on the same originals (cached in ``--cache``).
+settings on the same originals (cached in ``--cache``). ``--verdict-per-class K`` judges the fit's verdict on K
+training images per class outside the shots (``verdict_data=``) instead of a held-back shot.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -53,6 +55,7 @@ from lightning_forget import (
     few_shot_subset,
 )
 from lightning_forget.app.data import digits
+from lightning_forget.evaluation.evidence import draw_per_class
 
 PASS_FORGET, PASS_RETAIN_DROP = 0.05, 0.03
 FIGURES = ("forget_acc", "retain_acc", "forget_train_acc", "seconds", "epochs", "verdict_forgotten")
@@ -260,8 +263,11 @@ def forget(
     net = copy.deepcopy(original)
     few = few_shot_subset(data.train, shots, seed=seed)
     L.seed_everything(seed, verbose=False)
-    criterion = {} if args.criterion_kwargs is None else {"criterion": args.criterion_kwargs}
-    callback = ClassForgetting(classes, **callback_settings({**args.callback_kwargs, **criterion}))
+    extra: dict[str, Any] = {} if args.criterion_kwargs is None else {"criterion": args.criterion_kwargs}
+    if args.verdict_per_class:  # a user's own unseen images: the fit trains on every shot
+        unseen = draw_per_class(data.train, args.verdict_per_class, seed + 1, few.indices)
+        extra["verdict_data"] = DataLoader(unseen, batch_size=256)
+    callback = ClassForgetting(classes, **callback_settings({**args.callback_kwargs, **extra}))
     if stack == "wrapper":
         module: L.LightningModule = ForgettingModule(net, classes, data.num_classes, **args.module_kwargs)
     else:
@@ -282,7 +288,21 @@ def forget(
         "verdict_forgotten": None if verdict is None else verdict.forgotten,
         "verdict_judged": None if verdict is None else verdict.judged,
         "verdict_shortfalls": [] if verdict is None else list(verdict.shortfalls),
+        "verdict_evidence": None if verdict is None else _evidence_of(verdict),
         "impair_trials": callback.impair_trials,
+    }
+
+
+def _evidence_of(verdict: Any) -> dict[str, Any]:
+    """What the verdict judged, for replaying other tolerances on the same fits (``bench/verdict_replay.py``)."""
+    return {"judged_on": verdict.judged_on} | {
+        name: None if value is None else dataclasses.asdict(value)
+        for name, value in (
+            ("before", verdict.before),
+            ("after", verdict.after),
+            ("trained", verdict.trained),
+            ("attack", verdict.attack),
+        )
     }
 
 
@@ -303,6 +323,13 @@ def main() -> None:
     parser.add_argument("--callback-kwargs", type=json.loads, default={})
     parser.add_argument("--module-kwargs", type=json.loads, default={})
     parser.add_argument("--criterion-kwargs", type=json.loads, default=None, help="ForgetCriterion settings")
+    parser.add_argument(
+        "--verdict-per-class",
+        type=int,
+        default=0,
+        help="judge the fit's verdict on this many training images per class outside the shots (verdict_data=); "
+        "0: on the shot the callback holds back",
+    )
     args = parser.parse_args()
     cache, out = Path(args.cache).expanduser(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,23 @@ def test_the_relearn_term_is_the_forget_loss_at_the_relearned_logits_and_only_wi
     assert off["relearn"] == 0
 
 
+def test_only_samples_the_step_brings_back_above_the_threshold_pay_the_relearn_term():
+    teacher = torch.zeros(2, 3)
+    logits = torch.tensor([[2.0, -4.0, 2.0], [2.0, -4.0, 2.0]])
+    relearned = torch.tensor([[0.0, 3.0, 0.0], [0.0, -3.0, 0.0]])  # class 1 back at 0.91 / 0.02
+    targets = torch.tensor([1, 1])
+    objective = ForgettingObjective(relearn_weight=1.0, relearn_threshold=0.5)
+    paid = objective(logits, teacher, targets, [1], relearned=relearned)["relearn"]
+    back_alone = ForgettingObjective(relearn_weight=1.0)(
+        logits[:1], teacher[:1], targets[:1], [1], relearned=relearned[:1]
+    )
+    assert paid == pytest.approx(0.5 * back_alone["relearn"].item()), "the one sample back pays, as half the rows"
+    held = ForgettingObjective(relearn_weight=1.0, relearn_threshold=0.95)(
+        logits, teacher, targets, [1], relearned=relearned
+    )
+    assert held["relearn"] == 0
+
+
 def test_the_simulated_step_brings_the_class_back_by_the_radius_and_leaves_the_module_untouched():
     torch.manual_seed(TEST_SEED)
     net = tiny_net()
@@ -69,3 +86,9 @@ def test_a_fit_with_the_relearn_term_forgets_and_changes_no_entry_outside_the_ma
 def test_a_bad_relearn_radius_is_refused(radius):
     with pytest.raises(ValueError, match="relearn_radius must be a number > 0"):
         ForgettingObjective(relearn_radius=radius)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.0, float("nan"), True])
+def test_a_bad_relearn_threshold_is_refused(threshold):
+    with pytest.raises(ValueError, match=r"relearn_threshold must be a number in \[0, 1\)"):
+        ForgettingObjective(relearn_threshold=threshold)

@@ -51,7 +51,10 @@ class ForgettingObjective:
     norm, and evaluates them there (first-order, as sharpness-aware minimisation evaluates its
     gradient at the worst point of a ball: Foret et al., ICLR 2021; for unlearning, Fan et al., ICML
     2025, arXiv 2502.05374). A class that one fine-tuning step would bring back pays for it, so the fit
-    keeps going until the neighbourhood, not only the point, has forgotten it.
+    keeps going until the neighbourhood, not only the point, has forgotten it. Only samples whose class
+    the step brings back above ``relearn_threshold`` probability pay (the term is their share of the
+    forgotten rows times their forget loss): once the neighbourhood holds, the term stops pulling against
+    the remaining classes.
 
     Each term is a mean over its own samples (a batch without such samples adds 0), and the
     loss is their weighted mean, so that its scale is that of one cross-entropy whatever the
@@ -59,14 +62,17 @@ class ForgettingObjective:
 
     Args:
         forget_loss: one of ``FORGET_LOSSES``.
-        retain_weight, distill_weight, forget_weight, feature_weight, mix_weight: non-negative weights
+        retain_weight, distill_weight, forget_weight, feature_weight, mix_weight, relearn_weight: non-negative weights
             of the terms, not all 0.
+        relearn_radius: the simulated relearn step's length, as a fraction of the entries' norm; > 0.
+        relearn_threshold: the relearned true-class probability above which a sample pays the relearn
+            term, in [0, 1).
         temperature: distillation temperature, > 0.
         distill_target: ``renormalized`` or ``original``.
 
     Raises:
         ValueError: for an unknown ``forget_loss`` or ``distill_target``, negative or all-zero
-            weights, or temperature <= 0.
+            weights, temperature <= 0, or a relearn radius or threshold out of range.
     """
 
     forget_loss: ForgetLoss = "renormalized"
@@ -79,6 +85,7 @@ class ForgettingObjective:
     mix_weight: float = 0.0
     relearn_weight: float = 0.0
     relearn_radius: float = 0.05
+    relearn_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if self.forget_loss not in FORGET_LOSSES:
@@ -99,6 +106,8 @@ class ForgettingObjective:
             raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}.")
         if not _is_number(self.relearn_radius) or self.relearn_radius <= 0:
             raise ValueError(f"relearn_radius must be a number > 0, got {self.relearn_radius!r}.")
+        if not _is_number(self.relearn_threshold) or not 0 <= self.relearn_threshold < 1:
+            raise ValueError(f"relearn_threshold must be a number in [0, 1), got {self.relearn_threshold!r}.")
 
     def __call__(
         self,
@@ -142,7 +151,7 @@ class ForgettingObjective:
                 f, t = features[rows].float(), feature_targets[rows].float()
                 feature = ((f - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
             if self.relearn_weight and relearned is not None:
-                relearn = self._forget_term(relearned.float(), teacher_logits[rows], targets[rows], is_forgotten)
+                relearn = self._relearn_term(relearned.float(), teacher_logits[rows], targets[rows], is_forgotten)
         weights = (
             self.retain_weight,
             self.distill_weight,
@@ -165,6 +174,13 @@ class ForgettingObjective:
     def _distill(self, logits: Tensor, teacher_logits: Tensor) -> Tensor:
         t = self.temperature
         return _kl_to(F.log_softmax(logits / t, dim=-1), F.softmax(teacher_logits / t, dim=-1)) * (t * t)
+
+    def _relearn_term(self, relearned: Tensor, teacher_logits: Tensor, targets: Tensor, is_forgotten: Tensor) -> Tensor:
+        back = relearned.detach().softmax(-1).gather(1, targets[:, None]).squeeze(1) > self.relearn_threshold
+        if not back.any():
+            return relearned.sum() * 0.0
+        share = back.float().mean()
+        return share * self._forget_term(relearned[back], teacher_logits[back], targets[back], is_forgotten)
 
     def _forget_term(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor, is_forgotten: Tensor) -> Tensor:
         if self.forget_loss == "ascent":
