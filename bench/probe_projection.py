@@ -10,10 +10,11 @@ feature to each forgotten class's projected out of every feature (one direction 
 few shots (what a method has) or on the probe's own training images (an oracle). ``--layer NAME`` projects the
 output of that module instead (channels on dim 1, directions from its spatial means): for the ``cnn``, ``11`` is
 the last BatchNorm, before the ReLU and pooling that make the features, a change its convolution and shift could
-absorb. No forgetting runs: this measures how much of what the probe finds one linear change would remove, not
-what a method removes; each cell also gives the model's own test accuracy on the remaining classes. Any other
-option is ``bench/forgetting.py``'s (``--root``, ``--arch``, ``--epochs``...). Prints a markdown table and writes
-it, with the figures as JSON, to ``--out``.
+absorb. ``--channels K`` keeps each direction on its K largest channels only (zero elsewhere): a change confined
+to K channels, as a sparse mask would confine it. No forgetting runs: this measures how much of what the probe
+finds one linear change would remove, not what a method removes; each cell also gives the model's own test
+accuracy on the remaining classes. Any other option is ``bench/forgetting.py``'s (``--root``, ``--arch``,
+``--epochs``...). Prints a markdown table and writes it, with the figures as JSON, to ``--out``.
 """
 
 from __future__ import annotations
@@ -84,10 +85,15 @@ class Projection(nn.Module):
         return (moved @ self.projector.T + self.center).movedim(-1, 1)
 
 
-def projection_from(means: Tensor, labels: Tensor, forgotten: list[int]) -> Projection:
-    """Removes each forgotten class's direction from the remaining classes' mean, as ``means`` show them."""
+def projection_from(means: Tensor, labels: Tensor, forgotten: list[int], channels: int | None = None) -> Projection:
+    """Removes each forgotten class's direction from the remaining classes' mean, as ``means`` show them; with
+    ``channels``, each direction on its ``channels`` largest entries only."""
     center = means[~torch.isin(labels, torch.tensor(forgotten))].mean(0)
-    return Projection(torch.stack([means[labels == c].mean(0) - center for c in forgotten], 1), center)
+    directions = torch.stack([means[labels == c].mean(0) - center for c in forgotten], 1)
+    if channels is not None:
+        smaller = directions.abs().argsort(0, descending=True)[channels:]
+        directions = directions.scatter(0, smaller, 0.0)
+    return Projection(directions, center)
 
 
 def recorded(model: nn.Module, num_classes: int, layer: str | None, dataset: Dataset) -> tuple[Tensor, Tensor]:
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forget", nargs="+", default=["automobile", "airplane,ship"])
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--probe-per-class", type=int, default=50)
+    parser.add_argument("--channels", type=int, default=None, help="each direction on its K largest channels only")
     args, rest = parser.parse_known_args(argv)
     protocol = protocol_args(["--out", args.out, *rest])  # bench/forgetting.py's data, recipe and model cache
     data = load_data(protocol)
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             forgotten = resolve_classes(spec.split(","), data.class_names)
             row = {"seed": seed, "forget": spec}
             for source, seen in zip(SOURCES, (None, shots, oracle)):
-                change = None if seen is None else projection_from(*seen, forgotten)
+                change = None if seen is None else projection_from(*seen, forgotten, args.channels)
                 with changed(original, n, args.layer, change):
                     x_train, _, y_train = features_and_logits(original, probe_train, n)
                     x_test, logits, y_test = features_and_logits(original, data.test, n)
@@ -136,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.md").write_text(
         f"# The probe with forgotten classes' directions projected out\n\n`{command}`\n\n{table}\n"
     )
-    (out / "results.json").write_text(json.dumps({"command": command, "layer": args.layer, "rows": rows}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps({"command": command, "layer": args.layer, "channels": args.channels, "rows": rows}, indent=1)
+    )
     print(table)
 
 
