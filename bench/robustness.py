@@ -16,7 +16,8 @@ A cell passes when forget_acc <= 0.05 and retain_acc >= the original's - 0.03. T
 prints one line per cell and writes ``results.json`` and ``results.md`` (pass rate, every
 failing cell) into ``--out``. ``--callback-kwargs``/``--module-kwargs`` (JSON) try other
 settings on the same originals (cached in ``--cache``). ``--verdict-per-class K`` judges the fit's verdict on K
-training images per class outside the shots (``verdict_data=``) instead of a held-back shot.
+images per class outside the shots (``verdict_data=``) instead of a held-back shot: training images of the original,
+or with ``--verdict-from test`` images of the test split it never trained on (the cell is measured on the rest).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_forget import (
     ClassForgetting,
@@ -245,6 +246,18 @@ def callback_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def verdict_split(data: Data, args: argparse.Namespace, seed: int) -> tuple[Dataset | None, Dataset]:
+    """The verdict's images drawn from the test split (``--verdict-from test``) and the test set the cell is measured
+    on without them; no verdict images and the whole test set otherwise."""
+    if not args.verdict_per_class or args.verdict_from != "test":
+        return None, data.test
+    drawn = set(draw_per_class(data.test, args.verdict_per_class, seed + 1).indices)
+    x, y = data.test.tensors
+    rest = torch.tensor([i for i in range(len(y)) if i not in drawn])
+    picked = torch.tensor(sorted(drawn))
+    return Labelled(x[picked], y[picked]), Labelled(x[rest], y[rest])
+
+
 def forget_classes_for(seed: int, count: int, num_classes: int) -> list[int]:
     return sorted(torch.randperm(num_classes, generator=torch.Generator().manual_seed(1000 + seed))[:count].tolist())
 
@@ -265,7 +278,10 @@ def forget(
     L.seed_everything(seed, verbose=False)
     extra: dict[str, Any] = {} if args.criterion_kwargs is None else {"criterion": args.criterion_kwargs}
     if args.verdict_per_class:  # a user's own unseen images: the fit trains on every shot
-        unseen = draw_per_class(data.train, args.verdict_per_class, seed + 1, few.indices)
+        if args.verdict_from == "train":
+            unseen: Dataset = draw_per_class(data.train, args.verdict_per_class, seed + 1, few.indices)
+        else:
+            unseen = verdict_split(data, args, seed)[0]
         extra["verdict_data"] = DataLoader(unseen, batch_size=256)
     callback = ClassForgetting(classes, **callback_settings({**args.callback_kwargs, **extra}))
     if stack == "wrapper":
@@ -277,7 +293,8 @@ def forget(
     trainer.fit(module, DataLoader(few, batch_size=32, shuffle=True))
     seconds = time.perf_counter() - start
     with contextlib.redirect_stderr(io.StringIO()):
-        figures = evaluate_forgetting(net, data.train, data.test, classes, data.num_classes, seed=seed)
+        test = verdict_split(data, args, seed)[1]
+        figures = evaluate_forgetting(net, data.train, test, classes, data.num_classes, seed=seed)
     verdict = getattr(callback, "verdict", None)
     return {
         "forget_acc": figures["forget_acc"],
@@ -327,8 +344,15 @@ def main() -> None:
         "--verdict-per-class",
         type=int,
         default=0,
-        help="judge the fit's verdict on this many training images per class outside the shots (verdict_data=); "
+        help="judge the fit's verdict on this many images per class outside the shots (verdict_data=); "
         "0: on the shot the callback holds back",
+    )
+    parser.add_argument(
+        "--verdict-from",
+        choices=["train", "test"],
+        default="train",
+        help="draw them from the original's training images, or from the test split (never trained on; the cell is "
+        "then measured on the rest of the test split)",
     )
     args = parser.parse_args()
     cache, out = Path(args.cache).expanduser(), Path(args.out)
@@ -359,7 +383,8 @@ def main() -> None:
             for seed in args.seeds:
                 classes = forget_classes_for(seed, count, data.num_classes)
                 with contextlib.redirect_stderr(io.StringIO()):
-                    before = evaluate_forgetting(original, data.train, data.test, classes, data.num_classes, seed=seed)
+                    test = verdict_split(data, args, seed)[1]
+                    before = evaluate_forgetting(original, data.train, test, classes, data.num_classes, seed=seed)
                 for stack in args.stacks:
                     for shots in args.shots if stack == "wrapper" else [args.callback_stack_shots]:
                         try:
