@@ -41,6 +41,13 @@ def test_only_samples_the_step_brings_back_above_the_threshold_pay_the_relearn_t
     assert held["relearn"] == 0
 
 
+def test_at_the_default_threshold_every_forgotten_sample_pays_even_one_its_class_underflows_on():
+    teacher, logits, targets = torch.zeros(1, 3), torch.tensor([[2.0, -4.0, 2.0]]), torch.tensor([1])
+    relearned = torch.tensor([[0.0, -200.0, 0.0]])  # class 1 at probability 0.0 in float32
+    terms = ForgettingObjective(relearn_weight=1.0)(logits, teacher, targets, [1], relearned=relearned)
+    assert terms["relearn"] > 0
+
+
 def test_the_simulated_step_brings_the_class_back_by_the_radius_and_leaves_the_module_untouched():
     torch.manual_seed(TEST_SEED)
     net = tiny_net()

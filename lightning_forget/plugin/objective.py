@@ -52,7 +52,7 @@ class ForgettingObjective:
     gradient at the worst point of a ball: Foret et al., ICLR 2021; for unlearning, Fan et al., ICML
     2025, arXiv 2502.05374). A class that one fine-tuning step would bring back pays for it, so the fit
     keeps going until the neighbourhood, not only the point, has forgotten it. Only samples whose class
-    the step brings back above ``relearn_threshold`` probability pay (the term is their share of the
+    the step brings back to ``relearn_threshold`` probability or more pay (the term is their share of the
     forgotten rows times their forget loss): once the neighbourhood holds, the term stops pulling against
     the remaining classes.
 
@@ -65,8 +65,8 @@ class ForgettingObjective:
         retain_weight, distill_weight, forget_weight, feature_weight, mix_weight, relearn_weight: non-negative weights
             of the terms, not all 0.
         relearn_radius: the simulated relearn step's length, as a fraction of the entries' norm; > 0.
-        relearn_threshold: the relearned true-class probability above which a sample pays the relearn
-            term, in [0, 1).
+        relearn_threshold: the relearned true-class probability from which a sample pays the relearn
+            term, in [0, 1); 0: every forgotten-class sample pays.
         temperature: distillation temperature, > 0.
         distill_target: ``renormalized`` or ``original``.
 
@@ -176,7 +176,7 @@ class ForgettingObjective:
         return _kl_to(F.log_softmax(logits / t, dim=-1), F.softmax(teacher_logits / t, dim=-1)) * (t * t)
 
     def _relearn_term(self, relearned: Tensor, teacher_logits: Tensor, targets: Tensor, is_forgotten: Tensor) -> Tensor:
-        back = relearned.detach().softmax(-1).gather(1, targets[:, None]).squeeze(1) > self.relearn_threshold
+        back = relearned.detach().softmax(-1).gather(1, targets[:, None]).squeeze(1) >= self.relearn_threshold
         if not back.any():
             return relearned.sum() * 0.0
         share = back.float().mean()
