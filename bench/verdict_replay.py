@@ -44,8 +44,8 @@ def called_with_tolerance(row: dict, tolerance: float) -> bool:
 def called_by(row: dict, criterion: ForgetCriterion) -> bool:
     """Whether ``criterion`` says forgotten on the evidence the row's verdict judged."""
     evidence = row.get("verdict_evidence")
-    if evidence is None or evidence["before"] is None:
-        return bool(row["verdict_forgotten"])  # not judged, or no evidence recorded: as the fit said
+    if evidence is None or evidence["before"] is None or "judged_on" not in evidence:
+        return bool(row["verdict_forgotten"])  # not judged, or evidence not (fully) recorded: as the fit said
     before, after = Evidence(**evidence["before"]), Evidence(**evidence["after"])
     attack = None if evidence["attack"] is None else RetainAttack(**evidence["attack"])
     unseen = evidence["judged_on"] != "trained"
@@ -55,10 +55,9 @@ def called_by(row: dict, criterion: ForgetCriterion) -> bool:
 def quality(rows: list[dict], called: Callable[[dict], bool]) -> str:
     said = [r for r in rows if called(r)]
     passing = [r for r in rows if r["passed"]]
-    right = sum(r["passed"] for r in said)
-    recall = sum(called(r) for r in passing)
+    right = sum(r["passed"] for r in said)  # also the passing cells called forgotten: recall's numerator
     precision = f"{right}/{len(said)} ({right / len(said):.0%})" if said else "-"
-    return f"{precision} | {recall}/{len(passing)} ({recall / max(len(passing), 1):.0%})"
+    return f"{precision} | {right}/{len(passing)} ({right / max(len(passing), 1):.0%})"
 
 
 def main() -> None:
