@@ -251,11 +251,10 @@ def verdict_split(data: Data, args: argparse.Namespace, seed: int) -> tuple[Data
     on without them; no verdict images and the whole test set otherwise."""
     if not args.verdict_per_class or args.verdict_from != "test":
         return None, data.test
-    drawn = set(draw_per_class(data.test, args.verdict_per_class, seed + 1).indices)
+    drawn = torch.zeros(len(data.test), dtype=torch.bool)
+    drawn[draw_per_class(data.test, args.verdict_per_class, seed + 1).indices] = True
     x, y = data.test.tensors
-    rest = torch.tensor([i for i in range(len(y)) if i not in drawn])
-    picked = torch.tensor(sorted(drawn))
-    return Labelled(x[picked], y[picked]), Labelled(x[rest], y[rest])
+    return Labelled(x[drawn], y[drawn]), Labelled(x[~drawn], y[~drawn])
 
 
 def forget_classes_for(seed: int, count: int, num_classes: int) -> list[int]:
@@ -271,17 +270,21 @@ def forget(
     shots: int,
     seed: int,
     args: argparse.Namespace,
+    test: Dataset,
+    verdict_images: Dataset | None,
 ) -> dict[str, Any]:
-    """One forgetting run as a user would write it; returns the test figures and the fit's own verdict."""
+    """One forgetting run as a user would write it; returns the figures on ``test`` and the fit's own verdict
+    (judged on ``verdict_images`` where given, see :func:`verdict_split`)."""
     net = copy.deepcopy(original)
     few = few_shot_subset(data.train, shots, seed=seed)
     L.seed_everything(seed, verbose=False)
     extra: dict[str, Any] = {} if args.criterion_kwargs is None else {"criterion": args.criterion_kwargs}
     if args.verdict_per_class:  # a user's own unseen images: the fit trains on every shot
-        if args.verdict_from == "train":
-            unseen: Dataset = draw_per_class(data.train, args.verdict_per_class, seed + 1, few.indices)
-        else:
-            unseen = verdict_split(data, args, seed)[0]
+        unseen = (
+            verdict_images
+            if verdict_images is not None
+            else draw_per_class(data.train, args.verdict_per_class, seed + 1, few.indices)
+        )
         extra["verdict_data"] = DataLoader(unseen, batch_size=256)
     callback = ClassForgetting(classes, **callback_settings({**args.callback_kwargs, **extra}))
     if stack == "wrapper":
@@ -293,7 +296,6 @@ def forget(
     trainer.fit(module, DataLoader(few, batch_size=32, shuffle=True))
     seconds = time.perf_counter() - start
     with contextlib.redirect_stderr(io.StringIO()):
-        test = verdict_split(data, args, seed)[1]
         figures = evaluate_forgetting(net, data.train, test, classes, data.num_classes, seed=seed)
     verdict = getattr(callback, "verdict", None)
     return {
@@ -383,13 +385,15 @@ def main() -> None:
             for seed in args.seeds:
                 classes = forget_classes_for(seed, count, data.num_classes)
                 with contextlib.redirect_stderr(io.StringIO()):
-                    test = verdict_split(data, args, seed)[1]
+                    verdict_images, test = verdict_split(data, args, seed)
                     before = evaluate_forgetting(original, data.train, test, classes, data.num_classes, seed=seed)
                 for stack in args.stacks:
                     for shots in args.shots if stack == "wrapper" else [args.callback_stack_shots]:
                         try:
                             with contextlib.redirect_stderr(io.StringIO()):
-                                after = forget(stack, original, data, optimizer, classes, shots, seed, args)
+                                after = forget(
+                                    stack, original, data, optimizer, classes, shots, seed, args, test, verdict_images
+                                )
                         except Exception as err:  # a cell that crashes is a failed cell, reported with its error
                             after = {**dict.fromkeys(FIGURES, float("nan")), "verdict_forgotten": None}
                             after["error"] = f"{type(err).__name__}: {err}"
