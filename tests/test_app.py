@@ -342,7 +342,15 @@ def test_default_run_writes_the_report_files_every_model_and_a_verdict(cli):
     }  # fmt: skip
     assert report["models"]["original"]["forget_acc"] > 0.9, "the original must know the class it forgets"
     assert report["models"]["relevance"]["forget_acc"] <= 0.05
-    assert report["setting"] == {"dataset": "digits", "model": "cnn", "shots": 10, "fraction": 0.1, "seed": 0}
+    assert report["setting"] == {
+        "dataset": "digits", "model": "cnn", "shots": 10, "verdict_per_class": 10, "fraction": 0.1, "seed": 0
+    }  # fmt: skip
+    # The fit's own verdict judges 10 test images per class it never trained on, which the table does not count.
+    assert (
+        "on 10 forgotten-class / 90 remaining-class verdict_data samples"
+        in report["models"]["relevance"]["samples_verdict"]
+    )
+    assert report["models"]["relevance"]["samples"] == 100, "every shot is trained on"
     for name in REPORT_FILES:
         assert (run.run_dir / name).is_file(), name
     assert (run.run_dir / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

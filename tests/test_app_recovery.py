@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 
 from lightning_forget import evaluate_forgetting
 from lightning_forget.app.data import ClassificationData
-from lightning_forget.app.evaluable import check_evaluable, plan_evidence
+from lightning_forget.app.evaluable import check_evaluable, plan_evidence, split_verdict_images
 from lightning_forget.app.models import build_model
 from lightning_forget.app.pipeline import build_report
 from lightning_forget.app.report import markdown_table
@@ -32,7 +32,7 @@ from lightning_forget.app.runs import CLAIM, SWEEP_CLAIM, claim, holder_gone, re
 from lightning_forget.app.settings import SettingError
 from lightning_forget.evaluation.evidence import ProbeSettings, RelearnSettings, integrity_evidence
 from lightning_forget.evaluation.measurable import NOT_MEASURED
-from lightning_forget.plugin.few_shot import few_shot_subset
+from lightning_forget.plugin.few_shot import dataset_labels, few_shot_subset
 
 RELEARN = ("relearn_acc_1", "relearn_steps", "relearn_target", "anamnesis_index")
 
@@ -102,12 +102,13 @@ def test_an_original_that_knows_nothing_of_the_class_finishes_with_relearn_not_m
     assert last.startswith("Forgotten: ") and "anamnesis_index not checked (the original model gets none" in last
 
 
-def test_a_tiny_image_folder_run_finishes_with_smaller_probe_and_relearn_sets_and_says_so(tmp_path):
+def test_a_tiny_image_folder_run_finishes_with_smaller_verdict_probe_and_relearn_sets_and_says_so(tmp_path):
     root = image_folder(tmp_path / "images")
     dataset = ["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=8", "dataset.cache_dir=null"]
     run = cli_run(tmp_path / "run", tmp_path / "cache", *dataset, "forget.shots=2", "train.epochs=1", "baselines=[]")
     assert_ok(run)
     lowered = [
+        "forget.verdict_per_class=10 lowered to 1: class 0 (a) has only 2 test images and half at most are taken.",
         "eval.probe.per_class=50 lowered to 2: class 0 (a) has only 2 training images besides its 2 few-shot ones.",
         "eval.relearn.per_class=20 lowered to 2: class 0 (a) has only 2 training images besides its 2 few-shot ones.",
     ]
@@ -194,6 +195,29 @@ def test_evidence_sets_shrink_to_what_every_class_has_left_and_a_class_without_i
     lowered = "eval.relearn.per_class=5 lowered to 3: class 0 (a) has only 3 training images besides its 1 few-shot"
     assert plan.notes == [f"{lowered} ones."]
     assert "eval.probe skipped: class 3 (d)" in caplog.text and plan.notes[0] in caplog.text
+
+
+def test_the_verdicts_test_images_leave_the_test_set_and_shrink_or_give_way_to_a_held_back_shot(caplog):
+    full = tiny_loader(n_per_class=6).dataset
+    data = ClassificationData(full, full, full, 4, 1, ["a", "b", "c", "d"])
+    rest, judged, note = split_verdict_images(data, 2, seed=0)
+    assert dataset_labels(judged).bincount().tolist() == [2, 2, 2, 2] and note == ""
+    assert sorted([*judged.indices, *rest.test.indices]) == list(range(len(full))), "an image in both, or lost"
+    assert split_verdict_images(data, 2, seed=0)[1].indices == judged.indices, "not reproducible from the seed"
+
+    rest, judged, note = split_verdict_images(data, 5, seed=0)
+    assert dataset_labels(judged).bincount().tolist() == [3, 3, 3, 3] and len(rest.test) == 12
+    assert note == (
+        "forget.verdict_per_class=5 lowered to 3: class 0 (a) has only 6 test images and half at most are taken."
+    )
+    assert note in caplog.text
+
+    one_of_d = Subset(full, [i for i in range(len(full)) if int(full[i][1]) != 3 or i == len(full) - 1])
+    sparse = ClassificationData(full, full, one_of_d, 4, 1, ["a", "b", "c", "d"])
+    rest, judged, note = split_verdict_images(sparse, 2, seed=0)
+    assert judged is None and rest is sparse and "class 3 (d) has only 1 test images" in note
+    assert "judges a held-back shot instead" in note
+    assert split_verdict_images(data, 0, seed=0) == (data, None, "")
 
 
 def test_the_report_lists_what_was_not_measured_and_the_verdict_what_it_could_not_check():

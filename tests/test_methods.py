@@ -188,6 +188,17 @@ def test_ours_judges_its_verdict_on_held_back_samples_even_when_the_few_shots_ar
     assert verdict.trained.forget_samples + verdict.trained.retain_samples == 90
 
 
+def test_ours_trains_on_every_shot_and_judges_the_tasks_verdict_data_when_it_has_some(task, data):
+    unseen = few_shot_subset(data.test, 3, seed=TEST_SEED)
+    outcome = Relevance(recipe=Recipe(epochs=50, batch_size=32)).run(
+        dataclasses.replace(task, verdict_data=unseen), quiet_trainer
+    )
+    verdict = outcome.verdict
+    assert verdict.judged and verdict.judged_on == "verdict_data"
+    assert verdict.after.forget_samples + verdict.after.retain_samples == 30  # the given images, none held back
+    assert verdict.trained.forget_samples + verdict.trained.retain_samples == 100
+
+
 def test_a_few_shot_twin_of_another_length_is_refused(task):
     with pytest.raises(ValueError, match="few_shot_eval has 5 samples and few_shot 100"):
         dataclasses.replace(task, few_shot_eval=torch.utils.data.Subset(task.few_shot, range(5)))

@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 
 from lightning_forget.app.cache import ModelCache, training_keys
 from lightning_forget.app.data import ClassificationData
-from lightning_forget.app.evaluable import plan_evidence
+from lightning_forget.app.evaluable import plan_evidence, split_verdict_images
 from lightning_forget.app.models import check_classifier
 from lightning_forget.app.settings import AtLeast, SettingError, check_settings, check_value, show
 from lightning_forget.evaluation.evidence import ProbeSettings, RelearnSettings
@@ -53,10 +53,12 @@ MAX_SEED = 2**32 - 1
 
 @dataclass
 class ForgetSettings:
-    """``forget.*``: the classes to forget (ids or names) and the samples per class the methods get."""
+    """``forget.*``: the classes to forget (ids or names), the samples per class the methods get, and the test images
+    per class the fit's verdict judges (0: a held-back shot)."""
 
     classes: list[int | str]
     shots: Annotated[int, AtLeast(1)]
+    verdict_per_class: Annotated[int, AtLeast(0)]
 
 
 @dataclass
@@ -165,7 +167,9 @@ def build_run(
 
     Returns:
         The keyword arguments of :func:`~lightning_forget.app.pipeline.compare_and_report` but ``methods``,
-        ``trainers``, ``out_dir`` and ``loading``: the data, classes, few-shot samples, network, recipe, seed,
+        ``trainers``, ``out_dir`` and ``loading``: the data (its test set without the verdict's images), classes,
+        few-shot samples, the verdict's images (see :func:`~lightning_forget.app.evaluable.split_verdict_images`),
+        network, recipe, seed,
         original (from ``original.ckpt``), cache and keys, evaluator and the report's setting and config; and, from
         an ``original.ckpt`` that a forgetting produced (a ``forgotten_model.pt``), the classes it forgot (kept
         forgotten, evaluated as forgotten and left out of retraining) and its record.
@@ -183,8 +187,12 @@ def build_run(
     cache.check_writable()
     keys = training_keys(settings, data, model, one_device)
     few_shot = few_shot_subset(data.train, settings["forget"]["shots"], seed=settings["seed"])
+    data, verdict_images, verdict_note = split_verdict_images(
+        data, settings["forget"]["verdict_per_class"], settings["seed"]
+    )
     so_far = sorted([*forget_classes, *earlier.classes])
     evaluate, notes = _evaluator(settings, data, so_far, progress, few_shot, model)
+    notes = [verdict_note, *notes] if verdict_note else notes
     return {
         "already_forgotten": earlier.classes,
         "previous_record": earlier.record,
@@ -192,6 +200,7 @@ def build_run(
         "data": data,
         "forget_classes": forget_classes,
         "few_shot": few_shot,
+        "verdict_images": verdict_images,
         "make_model": make_model,
         "recipe": Recipe(**settings["train"]),
         "evaluate": evaluate,
@@ -216,6 +225,7 @@ def _run_setting(settings: Mapping[str, Any]) -> dict[str, Any]:
         "dataset": settings["dataset"]["_target_"].rsplit(".", 1)[-1],
         "model": _model_name(settings["model"]),
         "shots": settings["forget"]["shots"],
+        "verdict_per_class": settings["forget"]["verdict_per_class"],
         **fraction,
         "seed": settings["seed"],
     }

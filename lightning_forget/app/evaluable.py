@@ -5,7 +5,8 @@ than ``eval.probe.per_class`` (``eval.relearn.per_class``) asks for, the set tak
 setting is lowered, with a message); where a class has none left, that evidence is skipped with a message and its
 figures are reported as not measured. What no evaluation can do without refuses the run before it trains: test
 images of every forgotten class and of the remaining ones, training images of every forgotten class, and a final
-linear layer the probe can read.
+linear layer the probe can read. The fit's verdict judges a few test images of every class, which the models are
+then not measured on (:func:`split_verdict_images`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lightning_forget.app.settings import SettingError
 from lightning_forget.evaluation.evidence import ProbeSettings, RelearnSettings, penultimate_features
 from lightning_forget.evaluation.measurable import PROBE_FIGURES, RETAIN_ATTACK_FIGURES, relearn_figures
 from lightning_forget.plugin.classes import remaining_classes
-from lightning_forget.plugin.few_shot import dataset_labels
+from lightning_forget.plugin.few_shot import dataset_labels, few_shot_subset
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,40 @@ class EvidencePlan:
     relearn: RelearnSettings | None
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def split_verdict_images(
+    data: ClassificationData, per_class: int, seed: int
+) -> tuple[ClassificationData, Subset | None, str]:
+    """The fit's verdict: ``per_class`` test images of every class, out of the test set the models are measured on.
+
+    Images the original never trained on judge the fit as the test set will: a held-back shot, like any training
+    image, carries the original's membership (an overfit original loses accuracy on it while its test accuracy holds),
+    and one per class is too few to find most forgettings (docs/results.md, "the verdict on a validation split").
+    ``per_class`` is lowered to half of the smallest class's test images, and none are taken (the fit then judges a
+    held-back shot) where that is 0.
+
+    Returns:
+        The data with the rest of the test set, the verdict's images (``None`` when none are taken), and a note of
+        what was lowered or skipped (empty when nothing was).
+    """
+    if not per_class:
+        return data, None, ""
+    labels = dataset_labels(data.test)
+    counts = {c: int((labels == c).sum()) for c in sorted(set(labels.tolist()))}
+    least = min(counts, key=counts.__getitem__)
+    taken, note = min(per_class, counts[least] // 2), ""
+    if taken < per_class:
+        why = f"class {_label(data, least)} has only {counts[least]} test images and half at most are taken"
+        instead = f"lowered to {taken}" if taken else "skipped, the fit's verdict judges a held-back shot instead"
+        note = f"forget.verdict_per_class={per_class} {instead}: {why}."
+        log.warning(note)
+    if not taken:
+        return data, None, note
+    drawn = few_shot_subset(data.test, taken, seed=seed)
+    chosen = set(drawn.indices)
+    rest = Subset(data.test, [i for i in range(len(data.test)) if i not in chosen])
+    return dataclasses.replace(data, test=rest), drawn, note
 
 
 def check_evaluable(data: ClassificationData, forget_classes: Sequence[int]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from lightning_forget.app.cache import ModelCache, digest
 from lightning_forget.app.data import ClassificationData
@@ -164,6 +164,7 @@ def compare_and_report(
     already_forgotten: Sequence[int] = (),
     previous_record: Mapping[str, Any] | None = None,
     original_source: Mapping[str, Any] | None = None,
+    verdict_images: Dataset | None = None,
 ) -> dict[str, Any] | None:
     """A whole run: the original (given, cached or trained), :func:`compare`, the report and the run's files.
 
@@ -195,6 +196,8 @@ def compare_and_report(
         previous_record: the record of the request ``original`` comes from; the run's record names its sha256.
         original_source: ``file`` and ``sha256`` (:func:`~lightning_forget.plugin.record.state_digest` of its
             weights) of the file ``original`` was read from; ``None`` when it is trained or cached here.
+        verdict_images: images of every class no method trains on, which a method's own verdict judges (see
+            :class:`~lightning_forget.methods.ForgettingTask`); ``None``: a method holds back shots instead.
 
     Returns:
         The report, or ``None`` on a DDP rank other than zero (rank zero reports).
@@ -212,7 +215,7 @@ def compare_and_report(
         original_source = {"file": str(cache.path(single, f"original-{model_name}")), "sha256": None}
     task = ForgettingTask(
         original, make_model, data.train, few_shot, forget_classes, data.num_classes, recipe, list(already_forgotten),
-        few_shot_eval=Subset(data.train_eval, few_shot.indices),
+        few_shot_eval=Subset(data.train_eval, few_shot.indices), verdict_data=verdict_images,
     )  # fmt: skip
     first = next(iter(methods))
     comparison = compare(

@@ -76,6 +76,8 @@ class ForgettingTask:
             (:meth:`of_classes`), and retraining leaves them out too.
         few_shot_eval: the samples of ``few_shot`` in the same order, with evaluation transforms (no random
             augmentation): a method that holds some back to judge itself judges them as a test set is seen.
+        verdict_data: images of every class that no method trains on (a validation split, with evaluation
+            transforms): a method that judges itself judges them, and trains on every few-shot sample.
     """
 
     original: nn.Module
@@ -87,6 +89,7 @@ class ForgettingTask:
     train_recipe: Recipe
     already_forgotten: list[int] = field(default_factory=list)
     few_shot_eval: Dataset | None = None
+    verdict_data: Dataset | None = None
 
     def __post_init__(self) -> None:
         self.forget_classes = check_forget_classes(self.forget_classes, self.num_classes)

@@ -52,7 +52,8 @@ class Relevance(ForgettingMethod):
 
     Args:
         fraction, score, per_tensor, freeze_bn_stats, objective, criterion, stop_when_forgotten, patience,
-            impair, impair_keep, holdout: as for :class:`~lightning_forget.ClassForgetting`.
+            impair, impair_keep, holdout: as for :class:`~lightning_forget.ClassForgetting`; the verdict judges the
+            task's ``verdict_data`` where it has some (every shot is then trained on), else ``holdout`` shots.
         recipe: optimizer settings, batch size and the epoch cap.
         layers: ``all``, ``head`` (only the final linear layer may change) or ``features``
             (everything but the final linear layer, so that forgetting has to change the features).
@@ -135,8 +136,11 @@ class Relevance(ForgettingMethod):
             p.requires_grad_(False)
         module = ForgettingModule(model, task.forgotten_so_far, task.num_classes, **self.recipe.module_kwargs())
         data, options = task.data(self.data), self.options
-        held = self._held_back(task) if self.data == "few_shot" else None
-        if held is not None:
+        held = self._held_back(task) if self.data == "few_shot" and task.verdict_data is None else None
+        if task.verdict_data is not None:
+            verdict = DataLoader(task.verdict_data, batch_size=self.recipe.batch_size)
+            options = options | {"holdout": 0, "verdict_data": verdict}
+        elif held is not None:
             # Held back here rather than by the callback, which cannot tell randomly augmented samples apart:
             # the fit trains on the rest, the verdict judges the held-back ones without augmentation.
             data = Subset(task.few_shot, held[0])
