@@ -41,7 +41,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -59,6 +59,7 @@ from tuning import TUNABLE, accuracies, grids, tune, validation_split
 from lightning_forget import ProbeSettings, RelearnSettings, dataset_labels, evaluate_forgetting, few_shot_subset
 from lightning_forget.app.cache import ModelCache
 from lightning_forget.app.data import ClassificationData
+from lightning_forget.app.evaluable import split_verdict_images
 from lightning_forget.app.models import ARCHITECTURES, build_model
 from lightning_forget.app.pipeline import Comparison, compare, obtain_original
 from lightning_forget.app.report import COLUMNS, sweep_summary, verdict_line
@@ -110,6 +111,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", default="cnn", choices=ARCHITECTURES)
     parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (0: all)")
     parser.add_argument("--test-per-class", type=int, default=0, help="class-balanced test subset (0: all)")
+    parser.add_argument(
+        "--verdict-per-class",
+        type=int,
+        default=10,
+        help="test images per class that the fit's verdict judges and no row is measured on, drawn per seed as "
+        "the app's forget.verdict_per_class (0: the fit holds back one shot per class)",
+    )
     recipe = parser.add_argument_group("recipe of the original and of retraining")
     recipe.add_argument("--epochs", type=int, default=10)
     recipe.add_argument("--batch-size", type=int, default=128)
@@ -159,8 +167,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [spec for spec in args.methods if spec.split(":")[0] not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}: choose among {METHODS}")
-    if args.tune_per_class < 0:
-        parser.error(f"--tune-per-class must be >= 0, got {args.tune_per_class}")
+    for name in ("tune_per_class", "verdict_per_class"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.tune_per_class and "retrain" not in args.methods and set(args.methods) & set(TUNABLE):
         parser.error("the peers are tuned toward retraining: add retrain to --methods, or pass --tune-per-class 0")
     args.scheduler = None if args.scheduler == "none" else args.scheduler
@@ -308,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "train_images": len(data.train),
         "test_images": len(test),
+        "verdict_per_class": args.verdict_per_class,
         "validation_images": len(validation) if validation is not None else 0,
         "recipe": asdict(recipe),
         "methods": settings,
@@ -329,15 +339,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         original, seconds = original_of(args, data, recipe, cache, seed)
         spent["original (trained or loaded)"] += time.perf_counter() - clock
         original.to(args.device)  # training-free methods and scoring run where the model is
+        measured, verdict_images, _ = split_verdict_images(replace(data, test=test), args.verdict_per_class, seed)
         for forget in forget_settings:
             for shots in args.shots:
                 few_shot = few_shot_subset(data.train, shots, seed=seed)
                 few_shot_eval = Subset(data.train_eval, few_shot.indices)
                 task = ForgettingTask(
                     original, make_model, data.train, few_shot, forget, data.num_classes, recipe,
-                    few_shot_eval=few_shot_eval,
+                    few_shot_eval=few_shot_eval, verdict_data=verdict_images,
                 )  # fmt: skip
-                evaluate = timed(evaluator(args, data, test, task, seed), spent, "evaluation")
+                evaluate = timed(evaluator(args, data, measured.test, task, seed), spent, "evaluation")
                 clock, evaluated = time.perf_counter(), spent["evaluation"]
                 comparison = compare(
                     task,
@@ -368,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         spent=spent,
                     )
                 report["setting"] = {"forget": _label(forget, data.class_names), "shots": shots, "seed": seed}
-                report["original_test_acc"] = _overall_accuracy(report["models"]["original"], test)
+                report["original_test_acc"] = _overall_accuracy(report["models"]["original"], measured.test)
                 _add_speedups(report["models"])
                 reports.append(report)
                 meta["wall_seconds"] = time.perf_counter() - started
@@ -441,6 +452,14 @@ def timed(function: Callable[..., Any], spent: dict[str, float], part: str) -> C
 def _overall_accuracy(figures: dict[str, Any], test: Dataset) -> float:
     counts = torch.bincount(dataset_labels(test), minlength=len(figures["per_class_acc"])).double()
     return float((torch.tensor(figures["per_class_acc"]).double().nan_to_num() * counts).sum() / counts.sum())
+
+
+def _verdict_images(meta: dict[str, Any]) -> str:
+    """What the fit's verdict judged, as the headline says it."""
+    per_class = meta.get("verdict_per_class", 0)  # results written before the option held back a shot
+    if not per_class:
+        return "the fit's verdict judged one held-back shot per class"
+    return f"{per_class} of each class, drawn per seed, judged the fit's verdict and no row is measured on them"
 
 
 def _add_speedups(models: dict[str, dict[str, Any]]) -> None:
@@ -590,7 +609,7 @@ def render(meta: dict[str, Any], reports: list[dict[str, Any]]) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"Machine: {meta['machine']}. Date: {meta['date']}. {meta['train_images']} training and "
-        f"{meta['test_images']} test images. Seeds run: {seeds} of {meta['seeds_asked']}. "
+        f"{meta['test_images']} test images ({_verdict_images(meta)}). Seeds run: {seeds} of {meta['seeds_asked']}. "
         f"Total {meta.get('wall_seconds', 0) / 60:.1f} min.",
         "",
         f"Original and retraining recipe: {recipe}. Originals: {trained}.",
