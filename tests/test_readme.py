@@ -43,7 +43,9 @@ def test_the_callback_added_to_a_plain_user_trainer_forgets_and_the_weights_come
     namespace = run_snippet("Add it to your own Trainer", tmp_path, monkeypatch)
     data = digits()
     after = evaluate_forgetting(namespace["lit"].net, data.train_eval, data.test, [3], 10)
-    assert namespace["forget"].verdict.judged and namespace["forget"].verdict.judged_on == "held-back"
+    verdict = namespace["forget"].verdict
+    assert verdict.judged and verdict.judged_on == "verdict_data" and verdict.after.forget_samples == 10
+    assert verdict.trained.forget_samples == 10, "a shot was held back although validation images were given"
     bound("readme/own_trainer/forget_acc", after["forget_acc"], "<=", 0.05)
     bound("readme/own_trainer/retain_acc", after["retain_acc"], ">=", 0.9)
     restored, lit = namespace["restored"], namespace["lit"]
