@@ -1,8 +1,10 @@
-"""The fit's verdict judges samples the fit did not train on: held back from its data, or given; else not judged."""
+"""The fit's verdict judges samples the fit did not train on: given, the fit's validation data, or held back from its
+data; else not judged."""
 
 import copy
 import logging
 
+import lightning as L
 import pytest
 import torch
 from conftest import TEST_SEED, quiet_trainer, tiny_loader
@@ -103,9 +105,82 @@ def test_given_verdict_data_is_what_the_verdict_judges(trained_net):
     assert verdict.trained.forget_samples == 6  # nothing held back from the fit when verdict_data is given
 
 
+class _Data(L.LightningDataModule):
+    def __init__(self, train, val):
+        super().__init__()
+        self.train, self.val = train, val
+
+    def train_dataloader(self):
+        return self.train
+
+    def val_dataloader(self):
+        return self.val
+
+
+@pytest.mark.parametrize("sanity_steps", [2, 0])
+@pytest.mark.parametrize("source", ["fit", "datamodule"])
+def test_the_fits_validation_data_is_what_the_verdict_judges_and_nothing_is_held_back(
+    trained_net, source, sanity_steps
+):
+    train, val = tiny_loader(n_per_class=6), tiny_loader(n_per_class=3, seed=7)
+    callback = ClassForgetting([1])
+    torch.manual_seed(TEST_SEED)
+    trainer = quiet_trainer(max_epochs=50, callbacks=[callback], num_sanity_val_steps=sanity_steps)
+    module = ForgettingModule(copy.deepcopy(trained_net), [1], 4, lr=0.01)
+    trainer.fit(module, datamodule=_Data(train, val)) if source == "datamodule" else trainer.fit(module, train, val)
+    verdict = callback.verdict
+    assert verdict.judged_on == "validation" and "validation samples it did not train on" in str(verdict)
+    assert (verdict.after.forget_samples, verdict.after.retain_samples) == (3, 9), "not the whole validation set"
+    assert verdict.trained.forget_samples == 6, "a shot was held back although validation data was at hand"
+    assert trainer.num_sanity_val_steps == sanity_steps, "the sanity-check setting was not given back"
+
+
+def test_a_fit_resumed_without_the_validation_data_it_began_judging_is_not_judged_and_says_why(trained_net, tmp_path):
+    def fit(max_epochs, *loaders, ckpt_path=None):
+        callback = ClassForgetting([1], stop_when_forgotten=False)
+        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[callback])
+        torch.manual_seed(TEST_SEED)
+        module = ForgettingModule(copy.deepcopy(trained_net), [1], 4, lr=0.01)
+        trainer.fit(module, tiny_loader(n_per_class=6), *loaders, ckpt_path=ckpt_path)
+        return trainer, callback
+
+    trainer, began = fit(40, tiny_loader(n_per_class=3, seed=7))
+    assert began.verdict.judged_on == "validation" and began.verdict.trained.forget_mass < 0.01
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    with pytest.warns(UserWarning, match="NOT JUDGED"):
+        _, resumed = fit(42, ckpt_path=tmp_path / "mid.ckpt")
+    assert not resumed.verdict.judged and not resumed.verdict.forgotten
+    assert "it began judging validation samples" in resumed.verdict.not_judged
+
+
+class _SeveralValidations(ForgettingModule):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "val"),
+    [
+        ({"verdict_on_validation": False}, lambda: tiny_loader(n_per_class=3, seed=7)),
+        ({}, lambda: [tiny_loader(n_per_class=3, seed=7), tiny_loader(n_per_class=3, seed=8)]),
+    ],
+    ids=["turned_off", "two_validation_loaders"],
+)
+def test_the_verdict_holds_back_a_shot_when_it_may_not_or_cannot_tell_which_validation_data_to_judge(
+    trained_net, kwargs, val
+):
+    callback = ClassForgetting([1], **kwargs)
+    torch.manual_seed(TEST_SEED)
+    trainer = quiet_trainer(max_epochs=50, callbacks=[callback])
+    trainer.fit(_SeveralValidations(copy.deepcopy(trained_net), [1], 4, lr=0.01), tiny_loader(n_per_class=6), val())
+    assert callback.verdict.judged_on == "held-back" and callback.verdict.trained.forget_samples == 5
+
+
 def test_holdout_is_validated_at_construction():
     with pytest.raises(ValueError, match="holdout must be an integer >= 0"):
         ClassForgetting([1], holdout=-1)
+    with pytest.raises(TypeError, match="verdict_on_validation must be True or False"):
+        ClassForgetting([1], verdict_on_validation="yes")
     with pytest.raises(ValueError, match=r"impair must be a number in \[0, 1\]"):
         ClassForgetting([1], impair=1.5)
 

@@ -108,8 +108,8 @@ class ClassForgetting(Callback):
     After every epoch the samples it trains on are checked against ``criterion``; with
     ``stop_when_forgotten`` the fit stops once it has held for ``patience`` epoch ends
     (``max_epochs`` is the cap). The fit ends with a :class:`~lightning_forget.plugin.verdict.Verdict`
-    in :attr:`verdict`: the same criterion on samples the fit did not train on (``holdout``
-    samples of each class held back from the fit's data, or ``verdict_data``), or "not judged"
+    in :attr:`verdict`: the same criterion on samples the fit did not train on (``verdict_data``, else
+    the fit's validation data, else ``holdout`` samples of each class held back from the fit's data), or "not judged"
     with the reason when there are none. It is logged (``forget/verdict``: 1, 0, or NaN when not
     judged), written to the ``lightning_forget.plugin.callback`` logger, and warned about when it is not
     a yes.
@@ -190,6 +190,10 @@ class ClassForgetting(Callback):
             random augmentation cannot be held back from: pass ``verdict_data`` then.
         verdict_data: batches, in the training batches' format, of samples the fit does not train
             on, for the verdict; ``holdout`` is then not used.
+        verdict_on_validation: without ``verdict_data``, judge the verdict on the fit's validation
+            dataloader when it has one (``trainer.fit(model, train, val)`` or a datamodule's
+            ``val_dataloader``, with a ``validation_step``), the whole of it, and hold nothing back:
+            images the model never trained on judge better than a held-back shot (docs/results.md).
         attack_epochs: at fit end, a copy of the weights is fine-tuned this many passes over the
             fit's remaining-class samples alone (Adam, ``attack_lr``; the module is not touched) and
             its accuracy on every forgotten-class sample at hand is measured after each: a class
@@ -230,6 +234,7 @@ class ClassForgetting(Callback):
         impair_keep: float = DEFAULT_IMPAIR_KEEP,
         holdout: int = 1,
         verdict_data: Iterable[Any] | None = None,
+        verdict_on_validation: bool = True,
         attack_epochs: int = 5,
         attack_lr: float = 1e-3,
         already_forgotten: Sequence[int] = (),
@@ -275,6 +280,8 @@ class ClassForgetting(Callback):
             raise ValueError(f"holdout must be an integer >= 0, got {holdout!r}.")
         self.holdout = holdout
         self.verdict_data = verdict_data
+        _check_bool("verdict_on_validation", verdict_on_validation)
+        self.verdict_on_validation = verdict_on_validation
         if isinstance(attack_epochs, bool) or not isinstance(attack_epochs, int) or attack_epochs < 0:
             raise ValueError(f"attack_epochs must be an integer >= 0, got {attack_epochs!r}.")
         if isinstance(attack_lr, bool) or not isinstance(attack_lr, (int, float)) or not attack_lr > 0:
@@ -285,6 +292,7 @@ class ClassForgetting(Callback):
         self._judged_on: tuple[str, Iterable[Any], BatchFormat] | None = None
         self._not_judged = ""
         self._before_judged: Evidence | None = None
+        self._resumed_judged_on: str | None = None
         self._given = {n: m.bool() for n, m in masks.items()} if masks is not None else None
         self._masks: dict[str, Tensor] = dict(self._given or {})
         self._restored = False
@@ -420,6 +428,15 @@ class ClassForgetting(Callback):
         # After setup and configure_model, with optimizers and schedulers built; before the sanity check and scoring.
         _check_sparse(pl_module)
         self._check_monitors(trainer)
+        if self._judges_validation(trainer):
+            self._run_sanity_check(trainer)  # it sets up the validation dataloader before training starts
+
+    def _judges_validation(self, trainer: pl.Trainer) -> bool:
+        return self.verdict_data is None and self.verdict_on_validation and trainer.enable_validation
+
+    def _run_sanity_check(self, trainer: pl.Trainer) -> None:
+        if trainer.num_sanity_val_steps == 0 and self._sanity_steps is None:
+            self._sanity_steps, trainer.num_sanity_val_steps = trainer.num_sanity_val_steps, 1
 
     def _check_monitors(self, trainer: pl.Trainer) -> None:
         """Refuse the monitors that wait for a key that is not logged once ``training_step`` is replaced."""
@@ -439,8 +456,7 @@ class ClassForgetting(Callback):
                 return  # resumed mid-epoch, no sanity check to learn from: the monitors were checked when the fit began
             # The keys validation logs are known once the sanity check has run: decide then, still before scoring.
             self._pending_monitors = unknown
-            if trainer.num_sanity_val_steps == 0:
-                self._sanity_steps, trainer.num_sanity_val_steps = trainer.num_sanity_val_steps, 1
+            self._run_sanity_check(trainer)
             return
         self._refuse_monitors(unknown, None)
 
@@ -494,7 +510,7 @@ class ClassForgetting(Callback):
         self._sample_format = self.batch_format
         self._used_samples = self._hash_samples()
         self._optimizers = [_optimizer_settings(o) for o in trainer.optimizers]
-        self._choose_judged_samples()
+        self._choose_judged_samples(trainer)
         forward = _forward_of(trainer, pl_module)
         same_module = self._scored_for is not None and self._scored_for() is pl_module
         if self._masks and (self._restored or same_module or self._given is not None):
@@ -602,11 +618,22 @@ class ClassForgetting(Callback):
         )
         return top_fraction_masks(scores, self.fraction, self.per_tensor)
 
-    def _choose_judged_samples(self) -> None:
-        """What the verdict judges: ``verdict_data``, or samples held back from the fit, or nothing (and why)."""
+    def _choose_judged_samples(self, trainer: pl.Trainer) -> None:
+        """What the verdict judges: ``verdict_data``, the fit's validation data, samples held back from the fit, or
+        nothing (and why)."""
         self._held_back, self._judged_on, self._not_judged = None, None, ""
-        if self.verdict_data is not None:
-            self._judged_on = ("verdict_data", self.verdict_data, self.batch_format)
+        validation = _validation_loader(trainer) if self._judges_validation(trainer) else None
+        given = [(k, v) for k, v in (("verdict_data", self.verdict_data), ("validation", validation)) if v is not None]
+        kind = given[0][0] if given else "held-back"
+        resumed = self._resumed_judged_on if self._restored else None
+        if resumed and resumed != kind:
+            # The fit-start evidence was measured on other samples: there is no before and after on the same ones.
+            self._not_judged = (
+                f"the fit was resumed with {kind} samples to judge, but it began judging {resumed} samples; resume "
+                "it as it began (the same verdict_data or validation dataloader)"
+            )
+        elif given:
+            self._judged_on = (*given[0], self.batch_format)
         elif self.objective is None:
             self._not_judged = (
                 "with objective=None your training_step trains on every sample, so none is held back; pass "
@@ -923,6 +950,7 @@ class ClassForgetting(Callback):
             "masks": "given" if self._given is not None else "scored",
             "scoring_data": "given" if self.scoring_data is not None else "the training dataloader",
             "verdict_data": "given" if self.verdict_data is not None else None,
+            "verdict_on_validation": self.verdict_on_validation,
             "attack_epochs": self.attack_epochs,
             "attack_lr": self.attack_lr,
             "optimizers": self._optimizers,
@@ -1065,8 +1093,9 @@ class ClassForgetting(Callback):
             state["record"] = copy.deepcopy(self._record)
         if self._before is not None:
             state["before"], state["impaired"] = dataclasses.asdict(self._before), self.impaired
-        if self._before_judged is not None:
+        if self._before_judged is not None and self._judged_on is not None:
             state["before_judged"] = dataclasses.asdict(self._before_judged)
+            state["judged_on"] = self._judged_on[0]
         if self._teacher:
             # The snapshot where the model may have changed since: enough to rebuild it on resume.
             state["teacher"] = {
@@ -1089,6 +1118,7 @@ class ClassForgetting(Callback):
         self.impaired = state_dict.get("impaired", 0.0)
         judged = state_dict.get("before_judged")
         self._before_judged = Evidence(**judged) if judged is not None else None
+        self._resumed_judged_on = state_dict.get("judged_on")
         self._input_sha256, self._started = state_dict.get("input_sha256"), state_dict.get("started", "")
         self._restored = True
 
@@ -1195,6 +1225,15 @@ def _rebuild(module: torch.nn.Module, masks: dict[str, Tensor], saved: dict[str,
         else:
             target.copy_(values)
     return snapshot
+
+
+def _validation_loader(trainer: pl.Trainer) -> Iterable[Any] | None:
+    """The fit's one validation dataloader, as Lightning set it up (sharded across processes); ``None`` without one,
+    or with several (which of them holds images never trained on is not known)."""
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if len(loaders) == 1 else None
+    return None if loaders is None or isinstance(loaders, Mapping) else loaders
 
 
 def _forward_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Any], Any]:
