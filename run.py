@@ -8,6 +8,7 @@ evaluates and writes report.json, report.md, per_class_accuracy.png and forgotte
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -43,6 +44,7 @@ ONE_DEVICE = {"devices": 1, "strategy": "auto"}
 # What the checks before any training raise (SettingError is a ValueError).
 REFUSED = (ValueError, TypeError, OSError, MisconfigurationException, HydraException, OmegaConfBaseException)
 _SWEEP_CLAIMED: list[Path] = []  # the sweep folder this process claimed, given back if its first run is refused
+_NEW_FOLDERS: list[Path] = []  # the run folder and its parents that Hydra creates for it, removed if it is refused
 log = logging.getLogger("run")
 
 
@@ -151,6 +153,15 @@ def record_config(cfg: DictConfig, out_dir: Path) -> None:
     OmegaConf.save(HydraConfig.get().overrides.task, record / "overrides.yaml")
 
 
+class RunFolder(Callback):
+    """Hydra callback: notes which folders of ``hydra.run.dir`` do not exist before Hydra creates them, so that a
+    refused run leaves none behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.run.dir).absolute()
+        _NEW_FOLDERS[:] = [p for p in (folder, *folder.parents) if not p.exists()]
+
+
 class SweepSummary(Callback):
     """Hydra callback: claims the sweep folder before Hydra writes into it, and ends a sweep with one table."""
 
@@ -176,6 +187,9 @@ def _refuse(err: BaseException) -> None:
     """One line on stderr and exit 2; a sweep claimed by this process that did no work yet is given back."""
     if _SWEEP_CLAIMED and HydraConfig.get().job.num == 0:  # the sweep's first run: nothing ran yet
         _SWEEP_CLAIMED.pop().unlink(missing_ok=True)
+    for folder in _NEW_FOLDERS:  # innermost first; one that holds anything stays
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     print(f"error: {refusal_message(err)}", file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -683,5 +683,7 @@ def test_bad_input_through_the_cli_exits_2_with_one_line_and_writes_nothing(case
     written = [p for p in attempt.run_dir.rglob("*") if p.is_file()] if attempt.run_dir.exists() else []
     if "-m" in bad.overrides:  # a new sweep folder: Hydra's record of the sweep, and nothing of the app's
         written = [p for p in written if p.name != "multirun.yaml"]
+    else:  # the folder Hydra created for the run is gone again, with its parents that were new
+        assert not attempt.run_dir.parent.exists(), "the refused run left its folder behind"
     assert not written, written
     assert not attempt.cache.exists() or not list(attempt.cache.iterdir()), "something was trained or cached"
