@@ -442,14 +442,21 @@ def line(r: dict[str, Any]) -> str:
     )
 
 
+def verdict_counts(
+    cells: list[dict[str, Any]], called: Callable[[dict[str, Any]], bool] = lambda r: bool(r["verdict_forgotten"])
+) -> tuple[int, int, int]:
+    """The verdict against the test set: the cells ``called`` forgotten, those of them that pass (precision's and
+    recall's numerator), and the cells that pass."""
+    said = [r for r in cells if called(r)]
+    return len(said), sum(r["passed"] for r in said), sum(r["passed"] for r in cells)
+
+
 def verdict_quality(cells: list[dict[str, Any]]) -> str:
     """How far the fit's own verdict can be trusted: precision and recall of its "forgotten" against the test set."""
-    said = [r for r in cells if r["verdict_forgotten"]]
-    passed = [r for r in cells if r["passed"]]
-    right = [r for r in said if r["passed"]]
+    said, right, passed = verdict_counts(cells)
     unjudged = sum(1 for r in cells if r.get("verdict_judged") is False)
-    precision = f"{len(right)}/{len(said)} = {len(right) / len(said):.0%}" if said else "- (never said forgotten)"
-    recall = f"{len(right)}/{len(passed)} = {len(right) / len(passed):.0%}" if passed else "- (no cell passed)"
+    precision = f"{right}/{said} = {right / said:.0%}" if said else "- (never said forgotten)"
+    recall = f"{right}/{passed} = {right / passed:.0%}" if passed else "- (no cell passed)"
     return f"Verdict precision {precision}, recall {recall}, not judged {unjudged}."
 
 

@@ -24,6 +24,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from robustness import verdict_counts
+
 from lightning_forget import ForgetCriterion
 from lightning_forget.plugin.verdict import Evidence, RetainAttack
 
@@ -53,11 +55,9 @@ def called_by(row: dict, criterion: ForgetCriterion) -> bool:
 
 
 def quality(rows: list[dict], called: Callable[[dict], bool]) -> str:
-    said = [r for r in rows if called(r)]
-    passing = [r for r in rows if r["passed"]]
-    right = sum(r["passed"] for r in said)  # also the passing cells called forgotten: recall's numerator
-    precision = f"{right}/{len(said)} ({right / len(said):.0%})" if said else "-"
-    return f"{precision} | {right}/{len(passing)} ({right / max(len(passing), 1):.0%})"
+    said, right, passing = verdict_counts(rows, called)
+    precision = f"{right}/{said} ({right / said:.0%})" if said else "-"
+    return f"{precision} | {right}/{passing} ({right / max(passing, 1):.0%})"
 
 
 def main() -> None:
