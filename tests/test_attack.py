@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_forget import ClassForgetting, ForgetCriterion
-from lightning_forget.plugin.attack import retain_only_attack
+from lightning_forget.plugin.attack import attack_on_batches
 from lightning_forget.plugin.batches import BatchFormat
 
 
@@ -42,7 +42,7 @@ def test_a_hidden_class_comes_back_from_the_other_classes_samples_and_a_removed_
     before = copy.deepcopy(model.state_dict())
     samples = (_samples(), BatchFormat())
     assert model(torch.eye(3)[1:2]).argmax(-1).item() != 1, "class 1 must start forgotten"
-    attack = retain_only_attack(model, samples, [samples], [1], epochs=5, lr=0.5)
+    attack = attack_on_batches(model, samples, [samples], [1], epochs=5, lr=0.5)
     assert attack.samples == 4 and attack.steps == 15 and attack.start == 0.0
     assert (attack.acc == 1.0) is comes_back and (attack.acc == 0.0) is not comes_back
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model itself was trained"

@@ -16,7 +16,7 @@ from lightning_forget.plugin.relevance import eval_mode
 from lightning_forget.plugin.verdict import RetainAttack, measure
 
 
-def retain_only_attack(
+def attack_on_batches(
     module: nn.Module,
     train: tuple[Iterable[Any], BatchFormat],
     judged: Sequence[tuple[Iterable[Any], BatchFormat]],
@@ -33,7 +33,8 @@ def retain_only_attack(
 
     A removed class does not come back from other classes' samples; one hidden by a fragile balance of weights
     does, once fine-tuning disturbs it. ``module`` is run with the copy (:func:`torch.func.functional_call`), in
-    eval mode, so neither its weights nor its BatchNorm statistics change.
+    eval mode, so neither its weights nor its BatchNorm statistics change. The fit's own check on the batches at
+    hand; the report's, on datasets, is :func:`lightning_forget.evaluation.evidence.retain_only_attack`.
 
     Args:
         module: the model.

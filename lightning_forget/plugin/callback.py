@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_forget.plugin.attack import retain_only_attack
+from lightning_forget.plugin.attack import attack_on_batches
 from lightning_forget.plugin.batches import BatchFn, BatchFormat, LogitsSpec, check_targets
 from lightning_forget.plugin.classes import check_already_forgotten, check_forget_classes
 from lightning_forget.plugin.features import captured_inputs, final_linear
@@ -903,7 +903,7 @@ class ClassForgetting(Callback):
         train = (self._samples, self._sample_format)
         judged = [train] + ([self._judged_on[1:]] if self._judged_on is not None else [])
         with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from it: the user's next draws stay theirs
-            return retain_only_attack(
+            return attack_on_batches(
                 pl_module,
                 train,
                 judged,
