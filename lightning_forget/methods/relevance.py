@@ -136,11 +136,10 @@ class Relevance(ForgettingMethod):
             p.requires_grad_(False)
         module = ForgettingModule(model, task.forgotten_so_far, task.num_classes, **self.recipe.module_kwargs())
         data, options = task.data(self.data), self.options
-        held = self._held_back(task) if self.data == "few_shot" and task.verdict_data is None else None
-        if task.verdict_data is not None:
+        if task.verdict_data is not None:  # images no method trains on: every shot is trained on
             verdict = DataLoader(task.verdict_data, batch_size=self.recipe.batch_size)
             options = options | {"holdout": 0, "verdict_data": verdict}
-        elif held is not None:
+        elif self.data == "few_shot" and (held := self._held_back(task)) is not None:
             # Held back here rather than by the callback, which cannot tell randomly augmented samples apart:
             # the fit trains on the rest, the verdict judges the held-back ones without augmentation.
             data = Subset(task.few_shot, held[0])

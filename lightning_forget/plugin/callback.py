@@ -429,12 +429,12 @@ class ClassForgetting(Callback):
         _check_sparse(pl_module)
         self._check_monitors(trainer)
         if self._judges_validation(trainer):
-            self._run_sanity_check(trainer)  # it sets up the validation dataloader before training starts
+            self._ensure_sanity_check(trainer)  # it sets up the validation dataloader before training starts
 
     def _judges_validation(self, trainer: pl.Trainer) -> bool:
         return self.verdict_data is None and self.verdict_on_validation and trainer.enable_validation
 
-    def _run_sanity_check(self, trainer: pl.Trainer) -> None:
+    def _ensure_sanity_check(self, trainer: pl.Trainer) -> None:
         if trainer.num_sanity_val_steps == 0 and self._sanity_steps is None:
             self._sanity_steps, trainer.num_sanity_val_steps = trainer.num_sanity_val_steps, 1
 
@@ -456,7 +456,7 @@ class ClassForgetting(Callback):
                 return  # resumed mid-epoch, no sanity check to learn from: the monitors were checked when the fit began
             # The keys validation logs are known once the sanity check has run: decide then, still before scoring.
             self._pending_monitors = unknown
-            self._run_sanity_check(trainer)
+            self._ensure_sanity_check(trainer)
             return
         self._refuse_monitors(unknown, None)
 
