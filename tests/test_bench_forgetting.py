@@ -167,3 +167,44 @@ def test_a_row_is_bold_only_where_it_leads_the_next_by_more_than_both_stds(bench
     assert "**0.600 ± 0.010**" in ours
     assert "**" not in peer and "0.500 ± 0.100" in ours  # a lead of 0.05 inside a std of 0.10
     assert "**≥ 60.0 ± 0.0**" in ours and "| 20.0 ± 0.0 |" in peer
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import frontier
+
+        yield frontier
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _report(seed, probes, retains):
+    models = {
+        name: {"probe_forget_acc": p, "retain_acc": r}
+        for name, p, r in zip(("original", "retrain", "ours"), probes, retains)
+    }
+    return {"setting": {"forget": "1 (automobile)", "shots": 10, "seed": seed}, "models": models}
+
+
+def test_the_frontier_places_each_row_against_its_own_runs_original_and_retraining(frontier, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    reports = [_report(0, (0.7, 0.5, 0.6), (0.6, 0.6, 0.59)), _report(1, (0.8, 0.4, 0.5), (0.5, 0.6, 0.58))]
+    (run / "results.json").write_text(json.dumps({"meta": {}, "reports": reports}))
+    (point,) = frontier.points_of(run / "results.json")
+    assert (point.row, point.seeds) == ("ours", 2)
+    assert point.probe_share == pytest.approx((0.5 + 0.75) / 2)  # each seed's share of its own gap
+    assert point.retain_gap == pytest.approx((-0.01 - 0.02) / 2)
+    assert point.meets_both
+    frontier.main([str(run), "--out", str(tmp_path / "out")])
+    assert "Inside both targets: 1 of 1 points: `run` ours" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+
+
+def test_the_frontier_refuses_a_folder_without_a_benchmark_run(frontier, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        frontier.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "no results.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
