@@ -180,18 +180,16 @@ def frontier():
         sys.path.remove(str(BENCH))
 
 
-def _report(seed, probes, retains):
-    models = {
-        name: {"probe_forget_acc": p, "retain_acc": r}
-        for name, p, r in zip(("original", "retrain", "ours"), probes, retains)
-    }
-    return {"setting": {"forget": "1 (automobile)", "shots": 10, "seed": seed}, "models": models}
-
-
 def test_the_frontier_places_each_row_against_its_own_runs_original_and_retraining(frontier, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    reports = [_report(0, (0.7, 0.5, 0.6), (0.6, 0.6, 0.59)), _report(1, (0.8, 0.4, 0.5), (0.5, 0.6, 0.58))]
+    reports = [
+        _report(seed, {name: {"probe_forget_acc": p, "retain_acc": r} for name, p, r in rows})
+        for seed, rows in enumerate((
+            (("original", 0.7, 0.6), ("retrain", 0.5, 0.6), ("ours", 0.6, 0.59)),
+            (("original", 0.8, 0.5), ("retrain", 0.4, 0.6), ("ours", 0.5, 0.58)),
+        ))
+    ]  # fmt: skip
     (run / "results.json").write_text(json.dumps({"meta": {}, "reports": reports}))
     (point,) = frontier.points_of(run / "results.json")
     assert (point.row, point.seeds) == ("ours", 2)
