@@ -11,10 +11,12 @@ few shots (what a method has) or on the probe's own training images (an oracle).
 output of that module instead (channels on dim 1, directions from its spatial means): for the ``cnn``, ``11`` is
 the last BatchNorm, before the ReLU and pooling that make the features, a change its convolution and shift could
 absorb. ``--channels K`` keeps each direction on its K largest channels only (zero elsewhere): a change confined
-to K channels, as a sparse mask would confine it. No forgetting runs: this measures how much of what the probe
-finds one linear change would remove, not what a method removes; each cell also gives the model's own test
-accuracy on the remaining classes. Any other option is ``bench/forgetting.py``'s (``--root``, ``--arch``,
-``--epochs``...). Prints a markdown table and writes it, with the figures as JSON, to ``--out``.
+to K channels, as a sparse mask would confine it. ``--orthogonal`` removes from each direction its part in the span
+of the remaining classes' own mean directions, so that only what sets the forgotten class apart from all of them
+is projected out and every remaining class's mean stays where it was. No forgetting runs: this measures how much
+of what the probe finds one linear change would remove, not what a method removes; each cell also gives the
+model's own test accuracy on the remaining classes. Any other option is ``bench/forgetting.py``'s (``--root``,
+``--arch``, ``--epochs``...). Prints a markdown table and writes it, with the figures as JSON, to ``--out``.
 """
 
 from __future__ import annotations
@@ -85,11 +87,20 @@ class Projection(nn.Module):
         return (moved @ self.projector.T + self.center).movedim(-1, 1)
 
 
-def projection_from(means: Tensor, labels: Tensor, forgotten: list[int], channels: int | None = None) -> Projection:
+def projection_from(
+    means: Tensor, labels: Tensor, forgotten: list[int], channels: int | None = None, orthogonal: bool = False
+) -> Projection:
     """Removes each forgotten class's direction from the remaining classes' mean, as ``means`` show them; with
-    ``channels``, each direction on its ``channels`` largest entries only."""
-    center = means[~torch.isin(labels, torch.tensor(forgotten))].mean(0)
+    ``channels``, each direction on its ``channels`` largest entries only; with ``orthogonal``, each direction less
+    its part in the span of the remaining classes' mean directions."""
+    remaining = ~torch.isin(labels, torch.tensor(forgotten))
+    center = means[remaining].mean(0)
     directions = torch.stack([means[labels == c].mean(0) - center for c in forgotten], 1)
+    if orthogonal:
+        kept = torch.stack([means[labels == c].mean(0) - center for c in labels[remaining].unique().tolist()], 1)
+        u, s, _ = torch.linalg.svd(kept.double(), full_matrices=False)  # centred means are linearly dependent
+        span = u[:, s > s.max() * 1e-6]
+        directions = (directions.double() - span @ (span.T @ directions.double())).float()
     if channels is not None:
         smaller = directions.abs().argsort(0, descending=True)[channels:]
         directions = directions.scatter(0, smaller, 0.0)
@@ -112,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--probe-per-class", type=int, default=50)
     parser.add_argument("--channels", type=int, default=None, help="each direction on its K largest channels only")
+    parser.add_argument(
+        "--orthogonal", action="store_true", help="each direction less its part along the remaining classes' means"
+    )
     args, rest = parser.parse_known_args(argv)
     protocol = protocol_args(["--out", args.out, *rest])  # bench/forgetting.py's data, recipe and model cache
     data = load_data(protocol)
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             forgotten = resolve_classes(spec.split(","), data.class_names)
             row = {"seed": seed, "forget": spec}
             for source, seen in zip(SOURCES, (None, shots, oracle)):
-                change = None if seen is None else projection_from(*seen, forgotten, args.channels)
+                change = None if seen is None else projection_from(*seen, forgotten, args.channels, args.orthogonal)
                 with changed(original, n, args.layer, change):
                     x_train, _, y_train = features_and_logits(original, probe_train, n)
                     x_test, logits, y_test = features_and_logits(original, data.test, n)
@@ -144,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         f"# The probe with forgotten classes' directions projected out\n\n`{command}`\n\n{table}\n"
     )
     (out / "results.json").write_text(
-        json.dumps({"command": command, "layer": args.layer, "channels": args.channels, "rows": rows}, indent=1)
+        json.dumps(
+            {"command": command, "layer": args.layer, "channels": args.channels, "orthogonal": args.orthogonal}
+            | {"rows": rows},
+            indent=1,
+        )
     )
     print(table)
 

@@ -122,6 +122,22 @@ def test_projecting_out_a_class_direction_puts_its_mean_on_the_others_and_keeps_
     assert torch.allclose(projection.projector @ other, other, atol=1e-5)
 
 
+def test_the_orthogonal_projection_keeps_every_remaining_class_mean_and_removes_only_what_sets_the_class_apart(
+    probe_projection,
+):
+    torch.manual_seed(0)
+    features, labels = torch.randn(90, 6), torch.arange(90) % 3
+    features[labels == 0] += torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    features[labels == 1] += torch.tensor([1.0, 0.0, 3.0, 0.0, 0.0, 0.0])  # shares dim 0 with class 0
+    moved = probe_projection.projection_from(features, labels, [1], orthogonal=True)(features)
+    for kept in (0, 2):
+        assert torch.allclose(moved[labels == kept].mean(0), features[labels == kept].mean(0), atol=1e-4)
+    full = probe_projection.projection_from(features, labels, [1])(features)
+    assert not torch.allclose(full[labels == 0].mean(0), features[labels == 0].mean(0), atol=1e-2)
+    # what it removes is the class's own dimension, not the one it shares with class 0
+    assert moved[labels == 1, 2].mean().abs() < 0.5 < features[labels == 1, 2].mean()
+
+
 def test_the_probe_projection_script_writes_every_cell_with_the_protocols_options(
     probe_projection, digit_folder, tmp_path
 ):
