@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import time
 from typing import Literal
 
 import torch
@@ -32,8 +34,11 @@ from lightning_forget.plugin.few_shot import dataset_labels
 from lightning_forget.plugin.holdout import choose_held_back
 from lightning_forget.plugin.module import ForgettingModule
 from lightning_forget.plugin.objective import ForgettingObjective
-from lightning_forget.plugin.relevance import Score
-from lightning_forget.plugin.verdict import ForgetCriterion
+from lightning_forget.plugin.projection import PROJECTIONS, Projection, fold_class_projection, foldable_layers
+from lightning_forget.plugin.relevance import Score, eval_mode
+from lightning_forget.plugin.verdict import ForgetCriterion, measure
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = Recipe(epochs=50, batch_size=32, optimizer="adam", lr=5e-3)
 Layers = Literal["all", "head", "features"]
@@ -62,6 +67,14 @@ class Relevance(ForgettingMethod):
             linear probe on the features finds the classes less often, for about twice the time and a
             little of the remaining classes' accuracy (figures in docs/results.md). The masks are the
             union of both selections; the verdict is the second fit's.
+        project: ``orthogonal`` or ``full``: before the fit, each forgotten class's direction (from the
+            remaining samples' mean to the class's, on the few shots) is taken out of the last BatchNorm's output
+            by changing the convolution and BatchNorm before it
+            (:func:`~lightning_forget.plugin.projection.fold_class_projection`; ``orthogonal`` keeps the remaining
+            classes' own mean directions); those entries are added to the masks and do not train. Kept only where
+            the remaining classes lose at most ``criterion.max_retain_drop`` on the samples the verdict judges, and
+            the fit's verdict then allows only what is left of it. ``none``: no projection. Needs a model whose
+            features come from a convolution and BatchNorm through ReLU and pooling alone (not ResNet).
         data: ``few_shot`` or ``full``.
         seed: seed of the ``random`` score.
 
@@ -85,6 +98,7 @@ class Relevance(ForgettingMethod):
         recipe: Recipe = DEFAULT_RECIPE,
         layers: Layers = "all",
         features_first: bool = False,
+        project: Projection = "none",
         data: DataRegime = "few_shot",
         seed: int = 0,
     ) -> None:
@@ -96,6 +110,10 @@ class Relevance(ForgettingMethod):
             raise ValueError(
                 f"features_first fits the features, then every layer: it needs layers='all', not {layers!r}."
             )
+        if project not in PROJECTIONS:
+            raise ValueError(f"project must be one of {PROJECTIONS}, got {project!r}.")
+        if project != "none" and layers == "head":
+            raise ValueError("project changes the features, which layers='head' keeps: use layers='all'.")
         self._check_data(data)
         self.options = {
             "fraction": fraction,
@@ -115,17 +133,55 @@ class Relevance(ForgettingMethod):
         self.recipe = recipe
         self.layers = layers
         self.features_first = features_first
+        self.project = project
 
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
+        start = time.perf_counter()
+        task, folded, criterion = self._projected(task)
+        seconds = time.perf_counter() - start
         if not self.features_first:
-            return self._fit(task, make_trainer, self.layers)
-        first = self._fit(task, make_trainer, "features")
-        second = self._fit(dataclasses.replace(task, original=first.model), make_trainer, "all")
-        second.masks = {n: m | first.masks[n] for n, m in second.masks.items()}
-        second.seconds += first.seconds
-        return second
+            outcome = self._fit(task, make_trainer, self.layers, criterion)
+        else:
+            first = self._fit(task, make_trainer, "features", criterion)
+            outcome = self._fit(dataclasses.replace(task, original=first.model), make_trainer, "all", criterion)
+            outcome.masks = {n: m | first.masks[n] for n, m in outcome.masks.items()}
+            outcome.seconds += first.seconds
+        outcome.masks = {n: m | folded[n] for n, m in outcome.masks.items()} if folded else outcome.masks
+        outcome.seconds += seconds
+        return outcome
 
-    def _fit(self, task: ForgettingTask, make_trainer: TrainerFactory, layers: Layers) -> Outcome:
+    def _projected(self, task: ForgettingTask) -> tuple[ForgettingTask, dict[str, torch.Tensor], ForgetCriterion]:
+        """The task with ``project`` folded into its original, the entries it changed, and the fit's criterion."""
+        criterion = self.options["criterion"]
+        if self.project == "none":
+            return task, {}, criterion
+        foldable_layers(task.original, task.num_classes)  # refuses an unfoldable model before any work
+        shots = task.few_shot_eval if task.few_shot_eval is not None else task.few_shot
+        kept = [i for i, c in enumerate(dataset_labels(shots)) if c not in task.already_forgotten]
+        model = copy.deepcopy(task.original)
+        folded = fold_class_projection(
+            model, Subset(shots, kept), task.forget_classes, task.num_classes, self.project == "orthogonal"
+        )
+        judged = DataLoader(task.verdict_data if task.verdict_data is not None else shots, batch_size=256)
+        device = next(model.parameters()).device
+        with eval_mode(task.original), eval_mode(model), torch.no_grad():
+            before, after = (measure(m, judged, task.forgotten_so_far, device=device) for m in (task.original, model))
+        cost = max(before.retain_acc - after.retain_acc, before.retain_confidence - after.retain_confidence, 0.0)
+        if cost > criterion.max_retain_drop:
+            log.warning(
+                "project=%s not applied: it cost the remaining classes %.3f on the judged samples (more than "
+                "criterion.max_retain_drop=%g).",
+                self.project,
+                cost,
+                criterion.max_retain_drop,
+            )
+            return task, {}, criterion
+        remaining_budget = dataclasses.replace(criterion, max_retain_drop=criterion.max_retain_drop - cost)
+        return dataclasses.replace(task, original=model), folded, remaining_budget
+
+    def _fit(
+        self, task: ForgettingTask, make_trainer: TrainerFactory, layers: Layers, criterion: ForgetCriterion
+    ) -> Outcome:
         model = copy.deepcopy(task.original)
         frozen = []
         if layers != "all":
@@ -135,7 +191,7 @@ class Relevance(ForgettingMethod):
         for p in frozen:
             p.requires_grad_(False)
         module = ForgettingModule(model, task.forgotten_so_far, task.num_classes, **self.recipe.module_kwargs())
-        data, options = task.data(self.data), self.options
+        data, options = task.data(self.data), self.options | {"criterion": criterion}
         if task.verdict_data is not None:  # images no method trains on: every shot is trained on
             verdict = DataLoader(task.verdict_data, batch_size=self.recipe.batch_size)
             options = options | {"holdout": 0, "verdict_data": verdict}
