@@ -217,6 +217,40 @@ def test_features_first_fits_twice_and_changes_only_the_union_of_both_selections
     assert figures["forget_acc"] <= 0.05
 
 
+def test_project_takes_the_class_out_of_the_last_convolution_and_reports_every_changed_entry(task):
+    outcome = Relevance(project="orthogonal", recipe=Recipe(epochs=15, batch_size=64)).run(task, quiet_trainer)
+    assert outcome.masks["10.weight"].float().mean() > 0.9, "the folded convolution is not in the masks"
+    original = dict(task.original.named_parameters())
+    for name, p in outcome.model.named_parameters():
+        mask = outcome.masks[name]
+        assert torch.equal(p[~mask], original[name][~mask]), name
+    figures = evaluate_forgetting(outcome.model, task.train_data, task.train_data, FORGET, 10)
+    assert figures["forget_acc"] <= 0.05
+
+
+def test_a_projection_that_costs_the_remaining_classes_past_the_tolerance_is_left_out(task, caplog, monkeypatch):
+    def ruinous_fold(model, *_args):  # a fold that wipes the last convolution: every remaining class falls
+        with torch.no_grad():
+            model[10].weight.zero_()
+        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+
+    monkeypatch.setattr("lightning_forget.methods.relevance.fold_class_projection", ruinous_fold)
+    outcome = Relevance(project="full", recipe=Recipe(epochs=15, batch_size=64)).run(task, quiet_trainer)
+    assert "project=full not applied" in caplog.text
+    assert outcome.masks["10.weight"].float().mean() < 0.5, "the projection was kept"
+    assert not torch.equal(outcome.model[10].weight, torch.zeros_like(outcome.model[10].weight))
+
+
+def test_project_refuses_a_model_it_cannot_fold_before_any_work(task):
+    resnet = dataclasses.replace(task, original=build_model("resnet18", 10, 1))
+
+    def no_trainer(**_kwargs):
+        raise AssertionError("a trainer was made")
+
+    with pytest.raises(ValueError, match="use project='none'"):
+        Relevance(project="orthogonal").run(resnet, no_trainer)
+
+
 def test_salun_changes_only_its_saliency_mask(task):
     outcome = SalUn().run(task, quiet_trainer)
     selected = sum(int(m.sum()) for m in outcome.masks.values())
@@ -255,6 +289,10 @@ def test_bad_method_settings_are_refused_before_any_work():
         Relevance(layers="last")
     with pytest.raises(ValueError, match="features_first fits the features, then every layer"):
         Relevance(features_first=True, layers="head")
+    with pytest.raises(ValueError, match="project must be one of"):
+        Relevance(project="half")
+    with pytest.raises(ValueError, match="project changes the features"):
+        Relevance(project="orthogonal", layers="head")
     with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
         Recipe(epochs=0, batch_size=32)
 

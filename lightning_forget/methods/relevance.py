@@ -176,6 +176,7 @@ class Relevance(ForgettingMethod):
                 criterion.max_retain_drop,
             )
             return task, {}, criterion
+        log.info("project=%s folded; it cost the remaining classes %.3f on the judged samples.", self.project, cost)
         remaining_budget = dataclasses.replace(criterion, max_retain_drop=criterion.max_retain_drop - cost)
         return dataclasses.replace(task, original=model), folded, remaining_budget
 
