@@ -1,6 +1,7 @@
 """bench/forgetting.py and bench/tuning.py: peers tuned on images no model trains on, and a table that only
-marks a lead larger than the spread over seeds."""
+marks a lead larger than the spread over seeds; bench/probe_projection.py and bench/frontier.py."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -14,27 +15,24 @@ from sklearn.datasets import load_digits
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def bench():
+def _imported(*names: str):
+    """The bench scripts as modules, with bench/ on the path while a test uses them (they import each other)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import forgetting
-        import tuning
-
-        yield forgetting, tuning
+        modules = tuple(importlib.import_module(name) for name in names)
+        yield modules if len(modules) > 1 else modules[0]
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield from _imported("forgetting", "tuning")
 
 
 @pytest.fixture(scope="module")
 def probe_projection():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import probe_projection
-
-        yield probe_projection
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from _imported("probe_projection")
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +185,7 @@ def test_a_row_is_bold_only_where_it_leads_the_next_by_more_than_both_stds(bench
 
 @pytest.fixture(scope="module")
 def frontier():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import frontier
-
-        yield frontier
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from _imported("frontier")
 
 
 def test_the_frontier_places_each_row_against_its_own_runs_original_and_retraining(frontier, tmp_path):
