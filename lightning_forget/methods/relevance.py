@@ -162,7 +162,9 @@ class Relevance(ForgettingMethod):
         folded = fold_class_projection(
             model, Subset(shots, kept), task.forget_classes, task.num_classes, self.project == "orthogonal"
         )
-        judged = DataLoader(task.verdict_data if task.verdict_data is not None else shots, batch_size=256)
+        held = self._held_back(task) if task.verdict_data is None else None
+        judged_set = task.verdict_data if held is None else Subset(task.few_shot_eval, held[1])
+        judged = DataLoader(shots if judged_set is None else judged_set, batch_size=256)
         device = next(model.parameters()).device
         with eval_mode(task.original), eval_mode(model), torch.no_grad():
             before, after = (measure(m, judged, task.forgotten_so_far, device=device) for m in (task.original, model))
