@@ -51,7 +51,10 @@ def foldable_layers(model: nn.Module, num_classes: int) -> tuple[str, str]:
     except Exception as error:  # fx raises many kinds; all mean the same to the user
         raise ValueError(f"project needs a model torch.fx can trace; this one fails: {error}") from error
     modules = dict(model.named_modules())
-    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == head).args[0]
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == head]
+    if len(calls) != 1:
+        raise ValueError(_unfoldable(f"the final linear layer {head!r} is called {len(calls)} times, not once"))
+    node = calls[0].args[0]
     while True:
         if len(node.users) != 1:
             raise ValueError(_unfoldable(f"{node.name} also feeds another part of the model"))
