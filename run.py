@@ -124,6 +124,11 @@ def prepare(
     data = instantiate(cfg.dataset, **_accepted(cfg.dataset, progress=progress))
     data_shape = _accepted(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
     make_model = partial(instantiate(cfg.model), **data_shape)
+    for name, method in methods.items():
+        try:
+            method.check_model(make_model(), data.num_classes)
+        except ValueError as error:
+            raise SettingError(f"method {name}: {error}") from None
     return build_run(settings, data, make_model, {**ONE_DEVICE, "accelerator": accelerator}, progress) | {
         "methods": methods,
         "trainers": partial(trainers, cfg, out_dir, progress),

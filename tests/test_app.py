@@ -167,6 +167,9 @@ BAD_INPUTS: dict[str, Bad] = {
     "per-tensor-no": Bad(["method.per_tensor=no"], "method.per_tensor='no' is not allowed: expected true or false"),
     "freeze-bn-off": Bad(["method.freeze_bn_stats=off"], "method.freeze_bn_stats='off' is not allowed"),
     "baselines-string": Bad(["baselines=retrain"], "baselines=retrain is a string: write a list, baselines=[retrain]"),
+    "project-resnet": Bad(
+        ["model=resnet18", "method.project=orthogonal"], "method relevance: project folds into", True
+    ),
     "fraction-string": Bad(["method.fraction=abc"], "method.fraction='abc' is not allowed: expected a number"),
     "shots-string": Bad(["forget.shots=abc"], "forget.shots='abc' is not allowed: expected an integer >= 1"),
     "eval-batch-size-zero": Bad(["eval.batch_size=0"], "eval.batch_size=0 is not allowed: expected an integer >= 1"),

@@ -159,6 +159,10 @@ class ForgettingMethod(ABC):
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         """Produce the model; ``task.original`` is left unchanged."""
 
+    def check_model(self, model: nn.Module, num_classes: int) -> None:
+        """Refuse, before any work, a model this method cannot forget in (``ValueError`` naming the fix)."""
+        del model, num_classes  # a method that does not override this takes every classifier
+
     def _check_data(self, data: str) -> None:
         if data not in DATA_REGIMES:
             raise ValueError(f"data must be one of {DATA_REGIMES}, got {data!r}.")

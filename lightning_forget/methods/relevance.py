@@ -135,6 +135,10 @@ class Relevance(ForgettingMethod):
         self.features_first = features_first
         self.project = project
 
+    def check_model(self, model: torch.nn.Module, num_classes: int) -> None:
+        if self.project != "none":
+            foldable_layers(model, num_classes)
+
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         start = time.perf_counter()
         task, folded, criterion = self._projected(task)
@@ -155,7 +159,7 @@ class Relevance(ForgettingMethod):
         criterion = self.options["criterion"]
         if self.project == "none":
             return task, {}, criterion
-        foldable_layers(task.original, task.num_classes)  # refuses an unfoldable model before any work
+        self.check_model(task.original, task.num_classes)
         shots = task.few_shot_eval if task.few_shot_eval is not None else task.few_shot
         kept = [i for i, c in enumerate(dataset_labels(shots)) if c not in task.already_forgotten]
         model = copy.deepcopy(task.original)
