@@ -67,6 +67,10 @@ def test_a_model_whose_features_pass_a_residual_sum_is_refused_with_the_fix():
     assert foldable_layers(build_model("vgg16_bn", 10), 10) == ("features.40", "features.41")
     with pytest.raises(ValueError, match=r"add.* stands between them; use project='none'"):
         foldable_layers(build_model("resnet18", 10), 10)
+    grouped = build_model("cnn", 10)
+    grouped[10] = torch.nn.Conv2d(64, 64, 3, padding=1, groups=2, bias=False)
+    with pytest.raises(ValueError, match="'10' is grouped"):
+        foldable_layers(grouped, 10)
 
 
 def test_a_fold_without_samples_of_a_forgotten_class_is_refused_and_changes_nothing(net_and_samples):

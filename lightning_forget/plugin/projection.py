@@ -72,6 +72,8 @@ def foldable_layers(model: nn.Module, num_classes: int) -> tuple[str, str]:
     bn, conv = node.target, node.args[0]
     if not (conv.op == "call_module" and isinstance(modules[conv.target], nn.Conv2d) and len(conv.users) == 1):
         raise ValueError(_unfoldable(f"BatchNorm {bn!r} does not follow a convolution used by it alone"))
+    if modules[conv.target].groups != 1:  # a mix of output channels would need every group's inputs
+        raise ValueError(_unfoldable(f"convolution {conv.target!r} is grouped"))
     norm = modules[bn]
     if not (norm.affine and norm.track_running_stats):
         raise ValueError(_unfoldable(f"BatchNorm {bn!r} needs affine=True and running statistics"))
