@@ -124,9 +124,10 @@ def prepare(
     data = instantiate(cfg.dataset, **_accepted(cfg.dataset, progress=progress))
     data_shape = _accepted(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
     make_model = partial(instantiate(cfg.model), **data_shape)
+    model = make_model()
     for name, method in methods.items():
         try:
-            method.check_model(make_model(), data.num_classes)
+            method.check_model(model, data.num_classes)
         except ValueError as error:
             raise SettingError(f"method {name}: {error}") from None
     return build_run(settings, data, make_model, {**ONE_DEVICE, "accelerator": accelerator}, progress) | {

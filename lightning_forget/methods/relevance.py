@@ -9,7 +9,7 @@ import time
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_forget.methods.base import (
     DataRegime,
@@ -159,15 +159,13 @@ class Relevance(ForgettingMethod):
         criterion = self.options["criterion"]
         if self.project == "none":
             return task, {}, criterion
-        self.check_model(task.original, task.num_classes)
         shots = task.few_shot_eval if task.few_shot_eval is not None else task.few_shot
         kept = [i for i, c in enumerate(dataset_labels(shots)) if c not in task.already_forgotten]
         model = copy.deepcopy(task.original)
         folded = fold_class_projection(
             model, Subset(shots, kept), task.forget_classes, task.num_classes, self.project == "orthogonal"
         )
-        held = self._held_back(task) if task.verdict_data is None else None
-        judged_set = task.verdict_data if held is None else Subset(task.few_shot_eval, held[1])
+        judged_set = self._split(task)[1]
         judged = DataLoader(shots if judged_set is None else judged_set, batch_size=256)
         device = next(model.parameters()).device
         with eval_mode(task.original), eval_mode(model), torch.no_grad():
@@ -198,16 +196,10 @@ class Relevance(ForgettingMethod):
         for p in frozen:
             p.requires_grad_(False)
         module = ForgettingModule(model, task.forgotten_so_far, task.num_classes, **self.recipe.module_kwargs())
-        data, options = task.data(self.data), self.options | {"criterion": criterion}
-        if task.verdict_data is not None:  # images no method trains on: every shot is trained on
-            verdict = DataLoader(task.verdict_data, batch_size=self.recipe.batch_size)
-            options = options | {"holdout": 0, "verdict_data": verdict}
-        elif self.data == "few_shot" and (held := self._held_back(task)) is not None:
-            # Held back here rather than by the callback, which cannot tell randomly augmented samples apart:
-            # the fit trains on the rest, the verdict judges the held-back ones without augmentation.
-            data = Subset(task.few_shot, held[0])
-            verdict = DataLoader(Subset(task.few_shot_eval, held[1]), batch_size=self.recipe.batch_size)
-            options = options | {"holdout": 0, "verdict_data": verdict}
+        data, judged = self._split(task)
+        options = self.options | {"criterion": criterion}
+        if judged is not None:
+            options |= {"holdout": 0, "verdict_data": DataLoader(judged, batch_size=self.recipe.batch_size)}
         callback = ClassForgetting(task.forget_classes, already_forgotten=task.already_forgotten, **options)
         trainer = make_trainer(max_epochs=self.recipe.epochs, callbacks=[callback])
         try:
@@ -219,6 +211,17 @@ class Relevance(ForgettingMethod):
         masks |= {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n not in masks}
         samples = len(task.data(self.data))
         return Outcome(model, seconds, samples, self.data, masks=masks, verdict=callback.verdict, trainer=trainer)
+
+    def _split(self, task: ForgettingTask) -> tuple[Dataset, Dataset | None]:
+        """The data the fit trains on and the samples its verdict judges (``None``: the callback holds back itself)."""
+        data = task.data(self.data)
+        if task.verdict_data is not None:  # images no method trains on: every shot is trained on
+            return data, task.verdict_data
+        if self.data == "few_shot" and (held := self._held_back(task)) is not None:
+            # Held back here rather than by the callback, which cannot tell randomly augmented samples apart:
+            # the fit trains on the rest, the verdict judges the held-back ones without augmentation.
+            return Subset(task.few_shot, held[0]), Subset(task.few_shot_eval, held[1])
+        return data, None
 
     def _held_back(self, task: ForgettingTask) -> tuple[list[int], list[int]] | None:
         """Positions in ``task.few_shot`` to train on and to judge on: ``holdout`` of every class with more.
