@@ -40,6 +40,7 @@ from lightning_forget.evaluation.evidence import draw_per_class, features_and_lo
 from lightning_forget.plugin.accuracy import subset_accuracy
 from lightning_forget.plugin.classes import remaining_classes, resolve_classes
 from lightning_forget.plugin.features import final_linear
+from lightning_forget.plugin.projection import class_directions
 
 SOURCES = ("as is", "few shots", "oracle")
 
@@ -93,14 +94,7 @@ def projection_from(
     """Removes each forgotten class's direction from the remaining classes' mean, as ``means`` show them; with
     ``channels``, each direction on its ``channels`` largest entries only; with ``orthogonal``, each direction less
     its part in the span of the remaining classes' mean directions."""
-    remaining = ~torch.isin(labels, torch.tensor(forgotten))
-    center = means[remaining].mean(0)
-    directions = torch.stack([means[labels == c].mean(0) - center for c in forgotten], 1)
-    if orthogonal:
-        kept = torch.stack([means[labels == c].mean(0) - center for c in labels[remaining].unique().tolist()], 1)
-        u, s, _ = torch.linalg.svd(kept.double(), full_matrices=False)  # centred means are linearly dependent
-        span = u[:, s > s.max() * 1e-6]
-        directions = (directions.double() - span @ (span.T @ directions.double())).float()
+    center, directions = class_directions(means, labels, forgotten, orthogonal)
     if channels is not None:
         smaller = directions.abs().argsort(0, descending=True)[channels:]
         directions = directions.scatter(0, smaller, 0.0)

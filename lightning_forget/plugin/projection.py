@@ -115,17 +115,7 @@ def fold_class_projection(
     """
     conv_name, bn_name = foldable_layers(model, num_classes)
     conv, norm = dict(model.named_modules())[conv_name], dict(model.named_modules())[bn_name]
-    means, labels = _channel_means(model, norm, samples, batch_size)
-    forgotten = torch.isin(labels, torch.tensor(list(forget_classes)))
-    missing = [c for c in forget_classes if not (labels == c).any()]
-    if missing or forgotten.all():
-        lacking = f"classes {missing}" if missing else "the remaining classes"
-        raise ValueError(f"project needs samples of every forgotten class and of remaining ones; none of {lacking}.")
-    center = means[~forgotten].mean(0)
-    directions = torch.stack([means[labels == c].mean(0) - center for c in forget_classes], 1)
-    if orthogonal:
-        kept = torch.stack([means[labels == c].mean(0) - center for c in labels[~forgotten].unique().tolist()], 1)
-        directions = directions - _span(kept) @ (_span(kept).T @ directions)
+    center, directions = class_directions(*_channel_means(model, norm, samples, batch_size), forget_classes, orthogonal)
     basis = _span(directions)
     projector = torch.eye(len(center), dtype=torch.float64) - basis @ basis.T
     if (norm.weight == 0).any():
@@ -139,6 +129,40 @@ def fold_class_projection(
     norm.running_mean.copy_(fold @ norm.running_mean.double())
     norm.bias.copy_(projector @ (norm.bias.double() - center) + center)
     return {name: p.detach() != before[name] for name, p in model.named_parameters()}
+
+
+def class_directions(
+    means: Tensor, labels: Tensor, forget_classes: Sequence[int], orthogonal: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The remaining samples' mean and, per forgotten class, the direction from it to the class's mean.
+
+    Args:
+        means: ``(samples, channels)`` activations, one row per sample.
+        labels: ``(samples,)`` their classes.
+        forget_classes: one direction (a column) per class.
+        orthogonal: each direction less its part in the span of the remaining classes' own mean directions.
+
+    Returns:
+        The centre ``(channels,)`` and the directions ``(channels, len(forget_classes))``, in ``means``' dtype.
+
+    Raises:
+        ValueError: a forgotten class without samples, or no remaining-class sample.
+    """
+    forgotten = torch.isin(labels, torch.tensor(list(forget_classes)))
+    missing = [c for c in forget_classes if not (labels == c).any()]
+    if missing or forgotten.all():
+        lacking = f"classes {missing}" if missing else "the remaining classes"
+        raise ValueError(f"project needs samples of every forgotten class and of remaining ones; none of {lacking}.")
+    center = means[~forgotten].mean(0)
+
+    def offsets(classes: Sequence[int]) -> Tensor:
+        return torch.stack([means[labels == c].mean(0) - center for c in classes], 1)
+
+    directions = offsets(forget_classes)
+    if orthogonal:
+        span = _span(offsets(labels[~forgotten].unique().tolist()))
+        directions = (directions.double() - span @ (span.T @ directions.double())).to(directions.dtype)
+    return center, directions
 
 
 def _channel_means(model: nn.Module, norm: nn.Module, samples: Dataset, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -158,7 +182,7 @@ def _channel_means(model: nn.Module, norm: nn.Module, samples: Dataset, batch_si
 
 def _span(vectors: Tensor) -> Tensor:
     """An orthonormal basis of the columns' span (columns that add nothing left out)."""
-    u, s, _ = torch.linalg.svd(vectors, full_matrices=False)
+    u, s, _ = torch.linalg.svd(vectors.double(), full_matrices=False)
     return u[:, s > s.max().clamp_min(1e-12) * 1e-6]
 
 
