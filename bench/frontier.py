@@ -6,9 +6,11 @@ Reads the ``results.json`` of ``bench/forgetting.py`` runs (already recorded: no
 every row but the original and retraining by two figures, each against the original and retraining of its own
 run and seed, then averaged over the seeds: the share of the original-to-retrain gap of the linear probe on the
 forgotten classes that the row closes (target >= 0.5), and its remaining-class test accuracy minus
-retraining's (target >= -0.03). A row counts once per run it appears in. Writes ``results.md`` (every point,
-sorted by the probe share, and the points inside both targets) and ``frontier.png`` (one panel per forget
-setting, the target corner shaded) to ``--out``.
+retraining's (target >= -0.03). A row counts once per run it appears in. Beside them, the same probe's change
+on the remaining classes against the original: a row that closes the gap by damaging every class's features
+lowers it too, where retraining keeps it. Writes ``results.md`` (every point, sorted by the probe share, and the
+points inside both targets) and ``frontier.png`` (one panel per forget setting, the target corner shaded) to
+``--out``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Point:
     probe_share: float
     retain_gap: float
     seeds: int
+    #: The probe's remaining-class accuracy minus the original's (``None``: not recorded).
+    probe_retain_change: float | None = None
 
     @property
     def meets_both(self) -> bool:
@@ -42,9 +46,10 @@ class Point:
 
 
 def points_of(results: Path) -> list[Point]:
-    """The rows of one run's ``results.json``; rows or seeds without a probe, or with no probe gap, are left out."""
+    """The rows of one run's ``results.json`` but the original (retraining's share is 1 by definition); rows or seeds
+    without a probe, or with no probe gap, are left out."""
     reports = json.loads(results.read_text())["reports"]
-    per_row: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    per_row: dict[tuple[str, str], list[tuple[float, float, float | None]]] = {}
     for report in reports:
         models = report["models"]
         original, retrain = models.get("original", {}), models.get("retrain", {})
@@ -54,19 +59,22 @@ def points_of(results: Path) -> list[Point]:
         if gap <= 0:
             continue
         for name, figures in models.items():
-            if name in REFERENCES or "probe_forget_acc" not in figures:
+            if name == "original" or "probe_forget_acc" not in figures:
                 continue
             share = (original["probe_forget_acc"] - figures["probe_forget_acc"]) / gap
+            both = "probe_retain_acc" in figures and "probe_retain_acc" in original
+            change = figures["probe_retain_acc"] - original["probe_retain_acc"] if both else None
             cell = per_row.setdefault((report["setting"]["forget"], name), [])
-            cell.append((share, figures["retain_acc"] - retrain["retain_acc"]))
+            cell.append((share, figures["retain_acc"] - retrain["retain_acc"], change))
     return [
         Point(
             results.parent.name,
             setting,
             row,
-            statistics.mean(s for s, _ in cells),
-            statistics.mean(r for _, r in cells),
+            statistics.mean(s for s, _, _ in cells),
+            statistics.mean(r for _, r, _ in cells),
             len(cells),
+            None if any(c is None for _, _, c in cells) else statistics.mean(c for _, _, c in cells),
         )
         for (setting, row), cells in per_row.items()
     ]
@@ -79,24 +87,47 @@ def render(points: Sequence[Point], runs: Sequence[str]) -> str:
         f"Runs: {', '.join(f'`{r}`' for r in runs)}. Probe share: the share of the original-to-retrain gap of the",
         "linear probe on the forgotten classes the row closes (target >= 0.5); retain gap: remaining-class test",
         "accuracy minus retraining's (target >= -0.03); both against the run's own original and retraining, mean over",
-        "its seeds.",
+        "its seeds. Remaining probe: the probe's accuracy on the remaining classes minus the original's.",
         "",
     ]
     for setting in dict.fromkeys(p.setting for p in points):
-        inside = [p for p in points if p.setting == setting and p.meets_both]
+        here = [p for p in points if p.setting == setting and p.row not in REFERENCES]
+        inside = [p for p in here if p.meets_both]
         lines += [
             f"## {setting}",
             "",
-            f"Inside both targets: {len(inside)} of "
-            f"{sum(p.setting == setting for p in points)} points"
+            f"Inside both targets: {len(inside)} of {len(here)} points"
             + (": " + ", ".join(f"`{p.run}` {p.row}" for p in inside) if inside else "."),
             "",
+            *_remaining_probe_summary([p for p in points if p.setting == setting]),
         ]
-        lines += ["| run | row | seeds | probe share | retain gap |", "|---|---|---:|---:|---:|"]
-        for p in sorted((p for p in points if p.setting == setting), key=lambda p: -p.probe_share):
-            lines.append(f"| {p.run} | {p.row} | {p.seeds} | {p.probe_share:.2f} | {p.retain_gap:+.3f} |")
+        lines += [
+            "| run | row | seeds | probe share | retain gap | remaining probe |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for p in sorted(here, key=lambda p: -p.probe_share):
+            change = "-" if p.probe_retain_change is None else f"{p.probe_retain_change:+.3f}"
+            lines.append(f"| {p.run} | {p.row} | {p.seeds} | {p.probe_share:.2f} | {p.retain_gap:+.3f} | {change} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _remaining_probe_summary(points: Sequence[Point]) -> list[str]:
+    """How the remaining classes' probe moved where the probe target is met, and where retraining sits."""
+
+    def span(chosen: Sequence[Point]) -> str:
+        changes = [p.probe_retain_change for p in chosen if p.probe_retain_change is not None]
+        return f"{min(changes):+.3f} to {max(changes):+.3f}" if changes else "not recorded"
+
+    closing = [p for p in points if p.row not in REFERENCES and p.probe_share >= PROBE_TARGET]
+    if not closing:
+        return []
+    retrain = [p for p in points if p.row == "retrain"]
+    return [
+        f"Remaining-class probe where the probe share is {PROBE_TARGET} or more: {span(closing)} "
+        f"({len(closing)} points); retraining: {span(retrain)}.",
+        "",
+    ]
 
 
 def plot(points: Sequence[Point], path: Path, ours: str = "relevance") -> None:
@@ -105,6 +136,7 @@ def plot(points: Sequence[Point], path: Path, ours: str = "relevance") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points = [p for p in points if p.row not in REFERENCES]
     settings = list(dict.fromkeys(p.setting for p in points))
     fig, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 5.5), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
@@ -144,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"no results.json of bench/forgetting.py in {', '.join(missing)}: name only its run folders")
     runs = args.runs
     points = [p for run in runs for p in points_of(run / "results.json")]
-    if not points:
+    if all(p.row in REFERENCES for p in points):
         parser.error("no run has the linear probe on the original, retraining and a method row")
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(points, [r.name for r in runs])

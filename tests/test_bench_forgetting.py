@@ -192,20 +192,26 @@ def test_the_frontier_places_each_row_against_its_own_runs_original_and_retraini
     run = tmp_path / "run"
     run.mkdir()
     reports = [
-        _report(seed, {name: {"probe_forget_acc": p, "retain_acc": r} for name, p, r in rows})
+        _report(seed, {name: {"probe_forget_acc": p, "retain_acc": r, "probe_retain_acc": q} for name, p, r, q in rows})
         for seed, rows in enumerate((
-            (("original", 0.7, 0.6), ("retrain", 0.5, 0.6), ("ours", 0.6, 0.59)),
-            (("original", 0.8, 0.5), ("retrain", 0.4, 0.6), ("ours", 0.5, 0.58)),
+            (("original", 0.7, 0.6, 0.55), ("retrain", 0.5, 0.6, 0.56), ("ours", 0.6, 0.59, 0.50)),
+            (("original", 0.8, 0.5, 0.55), ("retrain", 0.4, 0.6, 0.54), ("ours", 0.5, 0.58, 0.52)),
         ))
     ]  # fmt: skip
     (run / "results.json").write_text(json.dumps({"meta": {}, "reports": reports}))
-    (point,) = frontier.points_of(run / "results.json")
-    assert (point.row, point.seeds) == ("ours", 2)
-    assert point.probe_share == pytest.approx((0.5 + 0.75) / 2)  # each seed's share of its own gap
-    assert point.retain_gap == pytest.approx((-0.01 - 0.02) / 2)
-    assert point.meets_both
+    points = {p.row: p for p in frontier.points_of(run / "results.json")}
+    assert set(points) == {"ours", "retrain"}
+    ours = points["ours"]
+    assert ours.seeds == 2
+    assert ours.probe_share == pytest.approx((0.5 + 0.75) / 2)  # each seed's share of its own gap
+    assert ours.retain_gap == pytest.approx((-0.01 - 0.02) / 2)
+    assert ours.probe_retain_change == pytest.approx((-0.05 - 0.03) / 2)  # against the original, per seed
+    assert points["retrain"].probe_share == pytest.approx(1.0)
+    assert ours.meets_both
     frontier.main([str(run), "--out", str(tmp_path / "out")])
-    assert "Inside both targets: 1 of 1 points: `run` ours" in (tmp_path / "out" / "results.md").read_text()
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "Inside both targets: 1 of 1 points: `run` ours" in text  # retraining is the reference, not a point
+    assert "share is 0.5 or more: -0.040 to -0.040 (1 points); retraining: +0.000 to +0.000" in text
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
 
 
