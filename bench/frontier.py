@@ -64,7 +64,7 @@ def points_of(results: Path) -> list[Point]:
             share = (original["probe_forget_acc"] - figures["probe_forget_acc"]) / gap
             both = "probe_retain_acc" in figures and "probe_retain_acc" in original
             change = figures["probe_retain_acc"] - original["probe_retain_acc"] if both else None
-            cell = per_row.setdefault((report["setting"]["forget"], name), [])
+            cell = per_row.setdefault((_setting(report["setting"]), name), [])
             cell.append((share, figures["retain_acc"] - retrain["retain_acc"], change))
     return [
         Point(
@@ -78,6 +78,11 @@ def points_of(results: Path) -> list[Point]:
         )
         for (setting, row), cells in per_row.items()
     ]
+
+
+def _setting(setting: dict) -> str:
+    """The forget setting and, where recorded, its shots: rows of different shot counts are different protocols."""
+    return f"{setting['forget']}, {setting['shots']} shots" if "shots" in setting else setting["forget"]
 
 
 def render(points: Sequence[Point], runs: Sequence[str]) -> str:

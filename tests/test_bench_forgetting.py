@@ -201,6 +201,7 @@ def test_the_frontier_places_each_row_against_its_own_runs_original_and_retraini
     (run / "results.json").write_text(json.dumps({"meta": {}, "reports": reports}))
     points = {p.row: p for p in frontier.points_of(run / "results.json")}
     assert set(points) == {"ours", "retrain"}
+    assert points["ours"].setting == "1 (a), 10 shots"  # another shot count is another protocol
     ours = points["ours"]
     assert ours.seeds == 2
     assert ours.probe_share == pytest.approx((0.5 + 0.75) / 2)  # each seed's share of its own gap
