@@ -141,21 +141,26 @@ class Relevance(ForgettingMethod):
 
     def run(self, task: ForgettingTask, make_trainer: TrainerFactory) -> Outcome:
         start = time.perf_counter()
-        task, folded, criterion = self._projected(task)
+        split = self._split(task)
+        task, folded, criterion = self._projected(task, split[1])
         seconds = time.perf_counter() - start
         if not self.features_first:
-            outcome = self._fit(task, make_trainer, self.layers, criterion)
+            outcome = self._fit(task, make_trainer, self.layers, criterion, split)
         else:
-            first = self._fit(task, make_trainer, "features", criterion)
-            outcome = self._fit(dataclasses.replace(task, original=first.model), make_trainer, "all", criterion)
+            first = self._fit(task, make_trainer, "features", criterion, split)
+            second = dataclasses.replace(task, original=first.model)
+            outcome = self._fit(second, make_trainer, "all", criterion, split)
             outcome.masks = {n: m | first.masks[n] for n, m in outcome.masks.items()}
             outcome.seconds += first.seconds
         outcome.masks = {n: m | folded[n] for n, m in outcome.masks.items()} if folded else outcome.masks
         outcome.seconds += seconds
         return outcome
 
-    def _projected(self, task: ForgettingTask) -> tuple[ForgettingTask, dict[str, torch.Tensor], ForgetCriterion]:
-        """The task with ``project`` folded into its original, the entries it changed, and the fit's criterion."""
+    def _projected(
+        self, task: ForgettingTask, judged_set: Dataset | None
+    ) -> tuple[ForgettingTask, dict[str, torch.Tensor], ForgetCriterion]:
+        """The task with ``project`` folded into its original, the entries it changed, and the fit's criterion;
+        ``judged_set``: the samples the fit's verdict judges (``None``: the few shots)."""
         criterion = self.options["criterion"]
         if self.project == "none":
             return task, {}, criterion
@@ -165,7 +170,6 @@ class Relevance(ForgettingMethod):
         folded = fold_class_projection(
             model, Subset(shots, kept), task.forget_classes, task.num_classes, self.project == "orthogonal"
         )
-        judged_set = self._split(task)[1]
         judged = DataLoader(shots if judged_set is None else judged_set, batch_size=256)
         device = next(model.parameters()).device
         with eval_mode(task.original), eval_mode(model), torch.no_grad():
@@ -185,8 +189,14 @@ class Relevance(ForgettingMethod):
         return dataclasses.replace(task, original=model), folded, remaining_budget
 
     def _fit(
-        self, task: ForgettingTask, make_trainer: TrainerFactory, layers: Layers, criterion: ForgetCriterion
+        self,
+        task: ForgettingTask,
+        make_trainer: TrainerFactory,
+        layers: Layers,
+        criterion: ForgetCriterion,
+        split: tuple[Dataset, Dataset | None],
     ) -> Outcome:
+        """One fit on ``split`` (:meth:`_split`: what it trains on, what its verdict judges)."""
         model = copy.deepcopy(task.original)
         frozen = []
         if layers != "all":
@@ -196,7 +206,7 @@ class Relevance(ForgettingMethod):
         for p in frozen:
             p.requires_grad_(False)
         module = ForgettingModule(model, task.forgotten_so_far, task.num_classes, **self.recipe.module_kwargs())
-        data, judged = self._split(task)
+        data, judged = split
         options = self.options | {"criterion": criterion}
         if judged is not None:
             options |= {"holdout": 0, "verdict_data": DataLoader(judged, batch_size=self.recipe.batch_size)}

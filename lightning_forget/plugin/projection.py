@@ -114,7 +114,8 @@ def fold_class_projection(
             scale of 0 (its channel cannot be projected).
     """
     conv_name, bn_name = foldable_layers(model, num_classes)
-    conv, norm = dict(model.named_modules())[conv_name], dict(model.named_modules())[bn_name]
+    modules = dict(model.named_modules())
+    conv, norm = modules[conv_name], modules[bn_name]
     center, directions = class_directions(*_channel_means(model, norm, samples, batch_size), forget_classes, orthogonal)
     basis = _span(directions)
     projector = torch.eye(len(center), dtype=torch.float64) - basis @ basis.T
